@@ -1,0 +1,25 @@
+"""Every method registers itself on import; `REGISTRY` maps names to `MethodInfo`."""
+
+from trainables.methods import (  # noqa: F401  (imported for registration)
+    adapter,
+    bitfit,
+    full,
+    ia3,
+    lora,
+    lst,
+    prompt,
+    read,
+    sherl,
+)
+from trainables.methods.base import (
+    REGISTRY,
+    MethodInfo,
+    Output,
+    TaskModel,
+    Taps,
+    apply_method,
+    collect_taps,
+    get_method,
+)
+
+__all__ = ["REGISTRY", "MethodInfo", "Output", "TaskModel", "Taps", "apply_method", "collect_taps", "get_method"]

@@ -1,0 +1,301 @@
+"""What every fine-tuning method shares: the registry, strict configs, the task model.
+
+A method is one module with a frozen `Config` dataclass, a `MethodInfo`, and an
+`apply(backbone, spec, cfg, n_labels, pooling)` that returns a `TaskModel`: a module
+whose `forward(input_ids, attention_mask, labels)` returns loss and logits. Side
+methods (`SideModel`) also take precomputed taps via `forward_taps`, which is how
+the activation cache feeds them without running the backbone.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.backbones import BackboneSpec
+
+MethodFamily = Literal["graft", "side", "side-late"]
+Pooling = Literal["first", "last", "mean"]
+
+
+# --------------------------------------------------------------------------- configs
+
+def config_from_dict(cls: type, values: dict[str, Any] | None) -> Any:
+    """Strict parsing: unknown keys name the valid ones; strings (from the CLI) are coerced."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__module__.rsplit('.', 1)[-1]} config key(s) {unknown}; "
+                         f"valid: {', '.join(fields) or '(none)'}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"config key {key}={value!r}: must be one of {list(typing.get_args(hint))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        (inner, *_) = typing.get_args(hint)
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(key, x.strip() if isinstance(x, str) else x, inner) for x in items if x != "")
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config key {key}={value!r}: expected true/false")
+            return value.lower() in ("true", "1")
+        return bool(value)
+    if hint in (int, float, str):
+        try:
+            out = hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key}={value!r}: expected {hint.__name__}") from None
+        if hint is int and isinstance(value, float) and value != out:
+            raise ValueError(f"config key {key}={value!r}: expected an integer")
+        return out
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    family: MethodFamily
+    paper: str
+    identity_at_init: bool  # same logits as frozen backbone + head at step 0
+    cacheable: bool  # the backbone taps it reads do not depend on anything that trains
+    config_cls: type
+    apply: Callable[..., TaskModel]
+    note: str = ""
+
+    def parse(self, values: dict[str, Any] | None = None) -> Any:
+        return config_from_dict(self.config_cls, values)
+
+
+REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(info: MethodInfo) -> MethodInfo:
+    REGISTRY[info.name] = info
+    return info
+
+
+def get_method(name: str) -> MethodInfo:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = None, *, n_labels: int = 2,
+                 pooling: Pooling | None = None) -> TaskModel:
+    """Freeze the backbone, then let the method add what trains; new modules land on the backbone's device."""
+    info = get_method(name)
+    cfg = info.parse(cfg) if cfg is None or isinstance(cfg, dict) else cfg
+    backbone.requires_grad_(False)
+    with torch.device(device_of(backbone)):
+        return info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or spec.anatomy.pooling)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# --------------------------------------------------------------------------- task model
+
+@dataclass
+class Output:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+@dataclass
+class Taps:
+    """Frozen backbone activations a side method reads.
+
+    `hidden[i]` is φ_i (φ_0 = embedding output, φ_i = raw output of block i), each B×T×d.
+    A cache may hold only the pooled position (T = 1, mask all ones); token-local
+    methods give the same loss on it.
+    """
+
+    hidden: dict[int, torch.Tensor]
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Taps:
+        return Taps({i: h.to(device=device, dtype=dtype) for i, h in self.hidden.items()},
+                    self.attention_mask.to(device))
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
+    """B×T×d → B×d. `last` finds the last real token whatever the padding side."""
+    if mode == "first":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (attention_mask.long() * (positions + 1)).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def pooled_positions(attention_mask: torch.Tensor, mode: Pooling) -> torch.Tensor | None:
+    """Index of the one position the loss reads per example, or None for mean pooling."""
+    if mode == "mean":
+        return None
+    if mode == "first":
+        return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+class TaskModel(nn.Module, abc.ABC):
+    """A backbone plus what a method trains plus the classification head.
+
+    `head` is trainable for every method and counted separately (`params_head`).
+    """
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, n_labels: int, pooling: Pooling):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.pooling = pooling
+        self.n_labels = n_labels
+        self.head = nn.Linear(spec.d_model, n_labels)
+
+    def classify(self, final_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor | None) -> Output:
+        logits = self.head(pool(final_hidden, attention_mask, self.pooling))
+        return Output(task_loss(logits, labels), logits)
+
+    # -- what trains
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def param_counts(self) -> dict[str, int]:
+        head = sum(p.numel() for p in self.head.parameters())
+        trainable = sum(p.numel() for _, p in self.trainable_named_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"params_total": total, "params_trainable": trainable - head, "params_head": head}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what trains: a READ checkpoint of Llama-7B is megabytes, not 13 GB."""
+        return {n: p.detach().clone() for n, p in self.trainable_named_parameters()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.trainable_named_parameters())
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+    def backbone_tensors_with_grad(self) -> list[str]:
+        """Names of backbone parameters that receive gradients (graft methods; empty for side)."""
+        return [n for n, p in self.backbone.named_parameters() if p.requires_grad]
+
+    @abc.abstractmethod
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Output: ...
+
+
+class GraftModel(TaskModel):
+    """Graft family: trainable parameters live inside the backbone; backprop runs through it."""
+
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Output:
+        return self.classify(self.final_hidden(input_ids, attention_mask), attention_mask, labels)
+
+
+class SideModel(TaskModel):
+    """Side family: reads frozen taps (live through hooks, or from the cache)."""
+
+    @abc.abstractmethod
+    def tap_layers(self) -> list[int]:
+        """Which φ_i this method reads (0 = embeddings, i = output of block i)."""
+
+    #: True if the loss at the pooled position depends only on that position's taps
+    token_local: bool = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Output:
+        taps = collect_taps(self.backbone, self.spec, input_ids, attention_mask, self.tap_layers())
+        return self.forward_taps(taps, labels)
+
+    @abc.abstractmethod
+    def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output: ...
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The backbone's own final norm (frozen), or identity for post-LN families."""
+        norm = self.spec.anatomy.get(self.backbone, "final_norm")
+        return h if norm is None else norm(h)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def collect_taps(backbone: nn.Module, spec: BackboneSpec, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, layers: Sequence[int]) -> Taps:
+    """Run the frozen backbone once under no_grad and keep φ_i for i in `layers`.
+
+    Forward hooks on the embeddings and blocks (not `output_hidden_states`, whose last
+    entry is after the final norm). The forward stops after the deepest tap needed.
+    """
+    anatomy = spec.anatomy
+    wanted = sorted(set(layers))
+    hidden: dict[int, torch.Tensor] = {}
+    deepest = wanted[-1]
+
+    def keep(i: int) -> Callable:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if i in wanted:
+                hidden[i] = out[0] if isinstance(out, tuple) else out
+            if i == deepest:
+                raise _StopForward
+
+        return hook
+
+    modules = [anatomy.get(backbone, "embeddings"), *anatomy.get(backbone, "blocks")]
+    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules) if i <= deepest]
+    try:
+        with torch.no_grad():
+            backbone(input_ids=input_ids, attention_mask=attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return Taps(hidden, attention_mask)
