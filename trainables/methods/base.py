@@ -249,6 +249,12 @@ class SideModel(TaskModel):
     #: True if the loss at the pooled position depends only on that position's taps
     token_local: bool = False
 
+    def train(self, mode: bool = True) -> SideModel:
+        """The frozen backbone stays in eval mode (no dropout), so live taps equal cached ones."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Output:
         taps = collect_taps(self.backbone, self.spec, input_ids, attention_mask, self.tap_layers())

@@ -1,0 +1,304 @@
+"""LST: a narrow side stack of the backbone's own blocks, fed by gated ladders from every block.
+
+Paper: Sung, Cho, Bansal, "LST: Ladder Side-Tuning for Parameter and Memory Efficient
+Transfer Learning", NeurIPS 2022, arXiv 2206.06522. Reference r=8, lr 3e-3.
+
+s_0 = Down_0(φ_0); for each kept backbone block j (0-based, as in `layers.j`), reading
+φ_{j+1}: ŝ = μ_j·s + (1−μ_j)·Down_{j+1}(φ_{j+1}), μ_j = sigmoid(α_j/0.1), s = SideBlock_j(ŝ);
+a dropped block leaves s unchanged. Output: norm, Up (d'→d), pooling, head.
+Side blocks are LlamaDecoderLayer / BertLayer at width d' = d/r and FFN d_ff/r with the
+backbone's head count (head dim / r), so a structured prune of block j fits side block j.
+
+Deviations:
+- Default init is `prune` with `importance="l1"` (needs no data). The paper's Fisher
+  importance (batch 1, N examples) needs task batches: build with `importance="fisher"`,
+  then call `prune_init(model, batches)`; its head is the freshly initialised one.
+- Pruning keeps one index set per block for the residual stream, one for the FFN, and
+  one set of within-head dims shared by all heads (q/k, and v/o); for Llama, q/k dims
+  are chosen in rotary pairs (j, j + head_dim/2) so rotate_half stays meaningful.
+  Side blocks' own rotary uses the side head dim's frequencies.
+- Gates exist only for kept blocks (the reference also creates unused gates for dropped
+  ones: its T5-base count, 3,878,712, includes 6 of them).
+- Random init of side blocks uses the HF scheme (normal, std = initializer_range).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+
+from trainables.backbones import BackboneSpec, BlockRunner
+from trainables.methods.base import MethodInfo, Output, Pooling, SideModel, Taps, register
+
+
+@dataclass(frozen=True)
+class Config:
+    r: int = 8  # reduction factor: side width d' = d / r
+    drop_layers: tuple[int, ...] = ()  # 0-based backbone block indices without a side block
+    heads: int | None = None  # side attention heads; None = the backbone's (head dim shrinks by r)
+    init: Literal["random", "prune"] = "prune"
+    importance: Literal["l1", "fisher"] = "l1"
+    fisher_examples: int = 1024
+    merge_last: bool = False  # gate the backbone's final hidden state into the output
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lst: r={self.r} must be a positive integer")
+        if self.init not in ("random", "prune") or self.importance not in ("l1", "fisher"):
+            raise ValueError(f"lst: init={self.init!r}, importance={self.importance!r}; "
+                             "valid: init random|prune, importance l1|fisher")
+        if self.fisher_examples < 1:
+            raise ValueError(f"lst: fisher_examples={self.fisher_examples} must be >= 1")
+
+
+def side_config(backbone_config: Any, family: str, cfg: Config) -> Any:
+    """The backbone's HF config shrunk by r; one-line errors name the valid values."""
+    d, ff, n_heads = backbone_config.hidden_size, backbone_config.intermediate_size, backbone_config.num_attention_heads
+    if d % cfg.r or ff % cfg.r:
+        valid = [k for k in range(1, math.gcd(d, ff) + 1) if math.gcd(d, ff) % k == 0]
+        raise ValueError(f"lst: r={cfg.r} must divide d={d} and d_ff={ff}; valid r: {valid}")
+    width = d // cfg.r
+    heads = cfg.heads or n_heads
+    rotary = family == "llama"
+
+    def fits(h: int) -> bool:
+        return width % h == 0 and (not rotary or (width // h) % 2 == 0)
+
+    if heads < 1 or not fits(heads):
+        valid = [h for h in range(1, width + 1) if fits(h)]
+        why = "an even head dim (rotary)" if rotary else "a whole head dim"
+        raise ValueError(f"lst: {heads} heads at side width {width} (d={d}, r={cfg.r}) do not give {why}; "
+                         f"valid heads: {valid or 'none: lower r'}")
+    side = copy.deepcopy(backbone_config)
+    side.hidden_size, side.intermediate_size, side.num_attention_heads = width, ff // cfg.r, heads
+    if rotary:
+        side.head_dim = width // heads
+        side.num_key_value_heads = math.gcd(heads, backbone_config.num_key_value_heads)
+    return side
+
+
+def side_norm(family: str, backbone_config: Any, width: int) -> nn.Module:
+    """A fresh trainable norm of the family's kind (RMSNorm for Llama, LayerNorm for BERT)."""
+    if family == "llama":
+        return LlamaRMSNorm(width, eps=backbone_config.rms_norm_eps)
+    return nn.LayerNorm(width, eps=backbone_config.layer_norm_eps)
+
+
+class LstModel(SideModel):
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, cfg: Config, n_labels: int, pooling: Pooling):
+        super().__init__(backbone, spec, n_labels, pooling)
+        self.cfg = cfg
+        n = spec.n_layers
+        bad = [j for j in cfg.drop_layers if not 0 <= j < n]
+        if bad:
+            raise ValueError(f"lst: drop_layers {bad} out of range; blocks are 0..{n - 1} (0-based)")
+        self.kept = [j for j in range(n) if j not in cfg.drop_layers]
+        if not self.kept:
+            raise ValueError(f"lst: drop_layers drops all {n} blocks; keep at least one")
+        self.side_config = side_config(backbone.config, spec.family, cfg)
+        d, width = spec.d_model, self.side_config.hidden_size
+        block_cls = LlamaDecoderLayer if spec.family == "llama" else BertLayer
+        self.blocks = nn.ModuleDict({str(j): block_cls(self.side_config, layer_idx=j) for j in self.kept})
+        self.downs = nn.ModuleDict({str(t): nn.Linear(d, width) for t in [0, *(j + 1 for j in self.kept)]})
+        self.alpha = nn.Parameter(torch.zeros(len(self.kept)))
+        self.norm = side_norm(spec.family, backbone.config, width)
+        self.up = nn.Linear(width, d)
+        self.merge_alpha = nn.Parameter(torch.zeros(1)) if cfg.merge_last else None
+        self.runner = BlockRunner(spec.family, self.side_config)
+        self._hf_init(self.blocks)
+
+    def _hf_init(self, module: nn.Module) -> None:
+        std = self.side_config.initializer_range
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def tap_layers(self) -> list[int]:
+        extra = [self.spec.n_layers] if self.cfg.merge_last else []
+        return sorted({0, *(j + 1 for j in self.kept), *extra})
+
+    def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output:
+        dtype = self.head.weight.dtype
+        mask = taps.attention_mask
+        s = self.downs["0"](taps.hidden[0].to(dtype))
+        kwargs = self.runner.prepare(s, mask)
+        gates = torch.sigmoid(self.alpha / 0.1)
+        for n, j in enumerate(self.kept):
+            ladder = self.downs[str(j + 1)](taps.hidden[j + 1].to(dtype))
+            s = self.runner(self.blocks[str(j)], gates[n] * s + (1 - gates[n]) * ladder, kwargs)
+        out = self.up(self.norm(s))
+        if self.merge_alpha is not None:
+            mu = torch.sigmoid(self.merge_alpha / 0.1)
+            out = mu * self.final_norm(taps.hidden[self.spec.n_layers].to(dtype)).to(dtype) + (1 - mu) * out
+        return self.classify(out, mask, labels)
+
+
+# --------------------------------------------------------------------------- pruned init
+
+# module inside a block -> (what its rows index, what its columns index); None: a vector
+# "res" residual stream, "ffn" FFN hidden, "qk"/"vo" within-head dims (all heads share them)
+PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
+    "llama": {
+        "self_attn.q_proj": ("qk", "res"), "self_attn.k_proj": ("qk", "res"),
+        "self_attn.v_proj": ("vo", "res"), "self_attn.o_proj": ("res", "vo"),
+        "mlp.gate_proj": ("ffn", "res"), "mlp.up_proj": ("ffn", "res"), "mlp.down_proj": ("res", "ffn"),
+        "input_layernorm": ("res", None), "post_attention_layernorm": ("res", None),
+    },
+    "bert": {
+        "attention.self.query": ("qk", "res"), "attention.self.key": ("qk", "res"),
+        "attention.self.value": ("vo", "res"), "attention.output.dense": ("res", "vo"),
+        "attention.output.LayerNorm": ("res", None),
+        "intermediate.dense": ("ffn", "res"), "output.dense": ("res", "ffn"), "output.LayerNorm": ("res", None),
+    },
+}
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def _scores(block: nn.Module, family: str, head_dim: int, sums: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+    """Importance per index of each kind, from per-parameter (row sums, column sums)."""
+    total: dict[str, torch.Tensor] = {}
+
+    def add(kind: str, v: torch.Tensor) -> None:
+        if kind in ("qk", "vo"):  # fold heads: one score per within-head dim
+            v = v.reshape(-1, head_dim).sum(0)
+        total[kind] = total.get(kind, 0) + v.float()
+
+    for name, _ in block.named_parameters():
+        module, leaf = _split(name)
+        rows, cols = PLANS[family][module]
+        add(rows, sums[name][0])
+        if leaf == "weight" and cols is not None:
+            add(cols, sums[name][1])
+    return total
+
+
+def _top(score: torch.Tensor, k: int, pairs: bool = False) -> torch.Tensor:
+    """Indices of the k most important, in their original order; rotary pairs (j, j+n/2) together."""
+    if not pairs:
+        return score.topk(k).indices.sort().values
+    half = score.numel() // 2
+    j = (score[:half] + score[half:]).topk(k // 2).indices.sort().values
+    return torch.cat([j, j + half])
+
+
+def _index(kind: str, sel: dict[str, torch.Tensor], size: int, head_dim: int) -> torch.Tensor:
+    """Kept positions along a dimension of `size`; within-head dims repeat for every head."""
+    if kind in ("qk", "vo"):
+        heads = torch.arange(size // head_dim, device=sel[kind].device)
+        return (heads[:, None] * head_dim + sel[kind]).reshape(-1)
+    return sel[kind]
+
+
+def prune_init(model: LstModel, batches: Iterable[Any] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Copy each backbone block, pruned to 1/r by importance, into the side block of the same index.
+
+    Returns the kept indices per block ({"res", "ffn", "qk", "vo"}). No-op on the meta device.
+    Fisher importance needs `batches` (dicts or tuples of input_ids, attention_mask, labels).
+    """
+    cfg, spec, side = model.cfg, model.spec, model.side_config
+    if next(model.backbone.parameters()).device.type == "meta":
+        return {}
+    if cfg.heads is not None and cfg.heads != model.backbone.config.num_attention_heads:
+        raise ValueError(f"lst: prune init needs the backbone's head count, not heads={cfg.heads}")
+    blocks = spec.anatomy.get(model.backbone, "blocks")
+    if cfg.importance == "fisher":
+        if batches is None:
+            raise ValueError("lst: importance='fisher' needs batches: prune_init(model, batches)")
+        sums = _fisher_sums(model, batches)
+    else:
+        sums = {f"{j}.{n}": _line_sums(p.abs()) for j in model.kept for n, p in blocks[j].named_parameters()}
+    head_dim = spec.d_model // model.backbone.config.num_attention_heads
+    side_head_dim = side.hidden_size // side.num_attention_heads
+    sizes = {"res": side.hidden_size, "ffn": side.intermediate_size, "qk": side_head_dim, "vo": side_head_dim}
+    chosen: dict[int, dict[str, torch.Tensor]] = {}
+    for j in model.kept:
+        own = {n: sums[f"{j}.{n}"] for n, _ in blocks[j].named_parameters()}
+        scores = _scores(blocks[j], spec.family, head_dim, own)
+        sel = {k: _top(v, sizes[k], pairs=(k == "qk" and spec.family == "llama")) for k, v in scores.items()}
+        _copy_pruned(blocks[j], model.blocks[str(j)], spec.family, sel, head_dim)
+        chosen[j] = sel
+    return chosen
+
+
+def _line_sums(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(row sums, column sums) of a matrix; (x,) for a vector."""
+    return (x.sum(-1), x.sum(0)) if x.dim() == 2 else (x,)
+
+
+def _copy_pruned(src: nn.Module, dst: nn.Module, family: str, sel: dict[str, torch.Tensor], head_dim: int) -> None:
+    dst_params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            module, leaf = _split(name)
+            rows, cols = PLANS[family][module]
+            w = p.index_select(0, _index(rows, sel, p.shape[0], head_dim))
+            if leaf == "weight" and cols is not None:
+                w = w.index_select(1, _index(cols, sel, p.shape[1], head_dim))
+            dst_params[name].copy_(w)
+
+
+def _examples(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    for batch in batches:
+        parts = (batch["input_ids"], batch["attention_mask"], batch["labels"]) if isinstance(batch, dict) else batch
+        for i in range(parts[0].shape[0]):
+            yield tuple(x[i:i + 1].to(device) for x in parts[:3])
+
+
+def _fisher_sums(model: LstModel, batches: Iterable[Any]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Σ over examples (batch 1, as the paper) of squared task-loss grads, kept as row/column sums.
+
+    The backbone (frozen, eval mode) plus this model's head gives the task loss.
+    """
+    blocks = model.spec.anatomy.get(model.backbone, "blocks")
+    params = {f"{j}.{n}": p for j in model.kept for n, p in blocks[j].named_parameters()}
+    sums: dict[str, tuple[torch.Tensor, ...]] = {}
+    was_training = model.backbone.training
+    model.backbone.eval()
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        for ids, mask, labels in itertools.islice(_examples(batches, model.head.weight.device),
+                                                  model.cfg.fisher_examples):
+            with torch.enable_grad():
+                h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                loss = model.classify(h.to(model.head.weight.dtype), mask, labels).loss
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (name, p), g in zip(params.items(), grads, strict=True):
+                new = _line_sums(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() ** 2)
+                sums[name] = tuple(a + b for a, b in zip(sums[name], new, strict=True)) if name in sums else new
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+        model.backbone.train(was_training)
+    if not sums:
+        raise ValueError("lst: fisher importance got no examples from batches")
+    return sums
+
+
+def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> LstModel:
+    model = LstModel(backbone, spec, cfg, n_labels, pooling)
+    if cfg.init == "prune" and cfg.importance == "l1":
+        prune_init(model)
+    return model
+
+
+INFO = register(MethodInfo(
+    name="lst", family="side", paper="Sung, Cho, Bansal 2022, LST, arXiv 2206.06522", identity_at_init=False,
+    cacheable=True, config_cls=Config, apply=apply,
+    note="importance='fisher' needs lst.prune_init(model, batches) after apply",
+))
