@@ -114,8 +114,10 @@ def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = 
     info = get_method(name)
     cfg = info.parse(cfg) if cfg is None or isinstance(cfg, dict) else cfg
     backbone.requires_grad_(False)
-    with torch.device(device_of(backbone)):
-        return info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or spec.anatomy.pooling)
+    first = next(backbone.parameters())
+    with torch.device(first.device):
+        model = info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or spec.anatomy.pooling)
+    return model.to(first.dtype)  # the head and side networks train in the backbone's dtype
 
 
 def device_of(module: nn.Module) -> torch.device:

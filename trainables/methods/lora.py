@@ -1,0 +1,80 @@
+"""LoRA: a trainable low-rank update B·A beside frozen projection matrices, via peft.
+
+Paper: "LoRA: Low-Rank Adaptation of Large Language Models", Hu, Shen, Wallis, Allen-Zhu,
+Li, Wang, Wang, Chen; arXiv 2106.09685. Reference lr 3e-4 (LST repo).
+
+peft's `inject_adapter_in_model` puts the LoRA layers into the bare backbone in place, so
+the backbone stays a LlamaModel/BertModel and the trainable tensors keep readable names
+(`layers.0.self_attn.q_proj.lora_A.default.weight`). B starts at zero: identity at init.
+
+Deviations: none (defaults as in the paper's GPT-3 / RoBERTa setup: r=8, alpha=16, q and v).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from trainables.backbones import BackboneSpec
+from trainables.methods.base import GraftModel, MethodInfo, Pooling, register
+
+
+@dataclass(frozen=True)
+class Config:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()  # empty: the family's q and v projections
+
+
+def block_linears(backbone: nn.Module, spec: BackboneSpec) -> list[str]:
+    """Block-relative paths of every Linear in a block, e.g. 'self_attn.q_proj', 'attention.self.query'."""
+    block = spec.anatomy.get(backbone, "blocks")[0]
+    return [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_targets(backbone: nn.Module, spec: BackboneSpec, names: Sequence[str]) -> list[str]:
+    """Map names (a block-relative path, or a unique suffix of one) to block-relative paths.
+
+    Suffixes keep configs short ('q_proj', 'value'), and exact paths disambiguate BERT's
+    several 'dense' layers ('output.dense' is the FFN output, 'attention.output.dense' the o-projection).
+    """
+    paths = block_linears(backbone, spec)
+    resolved = []
+    for name in names:
+        hits = [p for p in paths if p == name] or [p for p in paths if p.endswith("." + name)]
+        if len(hits) != 1:
+            why = "ambiguous" if hits else "unknown"
+            raise ValueError(f"{why} target module {name!r} for {spec.family} blocks; "
+                             f"valid (a path or a unique suffix): {', '.join(paths)}")
+        resolved.append(hits[0])
+    return resolved
+
+
+def block_regex(spec: BackboneSpec, paths: Sequence[str]) -> str:
+    """A peft target regex (peft full-matches string targets) for these paths in every block."""
+    return rf"{re.escape(spec.anatomy.blocks)}\.\d+\.({'|'.join(map(re.escape, paths))})"
+
+
+def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> GraftModel:
+    if cfg.r < 1:
+        raise ValueError(f"lora r={cfg.r}: must be >= 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"lora dropout={cfg.dropout}: must be in [0, 1)")
+    q, _, v, _ = spec.anatomy.attn_proj
+    targets = resolve_targets(backbone, spec, cfg.target_modules or (q, v))
+    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=block_regex(spec, targets), bias="none")
+    backbone = inject_adapter_in_model(peft_cfg, backbone)
+    return GraftModel(backbone, spec, n_labels, pooling)
+
+
+INFO = register(MethodInfo(
+    name="lora", family="graft", paper="Hu et al. 2021, LoRA (arXiv 2106.09685)", identity_at_init=True,
+    cacheable=False, config_cls=Config, apply=apply,
+    note="peft LoraConfig + inject_adapter_in_model; default targets: the family's q and v projections",
+))
