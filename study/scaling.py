@@ -1,0 +1,116 @@
+"""`python -m study.scaling`: methods × the backbone ladder, searched and run on Ray Tune.
+
+Plans first (meta-device counts and memory estimates for every pair), then runs what
+fits this machine and records the rest as `estimated` rows. With no flags it runs the
+embedded default: pretrained MiniLM-L6 and the SmolLM2 depth ladder for quality, the
+random Llama ladder for cost (memory, throughput; one short epoch — their accuracy
+means nothing), vader-movies, every method with the same trial budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, replace
+
+from study import plan, runner, spaces
+from study.collect import summary_table
+from study.launch import Group
+from trainables import backbones
+from trainables.methods import REGISTRY
+
+DEPTH_LADDER = ("smollm2-135m@L2", "smollm2-135m@L4", "smollm2-135m@L8", "smollm2-135m@L16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the pairs that run are trained (pretrained backbones; random ones get `cost_*`)."""
+
+    trials_per_method: int = 2
+    epochs: int = 3
+    train_size: int = 256
+    max_length: int = 32
+    max_eval_examples: int = 400
+    cost_epochs: int = 1
+    cost_batches: int = 6
+
+
+DEFAULT = Settings()
+QUICK = Settings(trials_per_method=1, epochs=1, train_size=128, max_eval_examples=200, cost_batches=3)
+DEFAULT_RUN_BACKBONES = ("minilm-l6", "smollm2-135m@L2", "llama-11m", "llama-35m")
+QUICK_RUN_BACKBONES = ("minilm-l6",)
+QUICK_METHODS = ("read", "lora", "full")
+
+
+def ladder(max_model: str) -> list[str]:
+    """Registered backbones (tests excluded) plus the pretrained depth ladder, up to max_model's size."""
+    top = backbones.count_params(backbones.build(max_model))
+    names = [n for n, s in backbones.REGISTRY.items() if s.note != "tests"] + list(DEPTH_LADDER)
+    sized = [(backbones.count_params(backbones.build(n)), n) for n in names]
+    return [n for size, n in sorted(sized) if size <= top]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m study.scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-model", default="llama-7b", help="largest backbone of the ladder (registry name)")
+    p.add_argument("--backbones", nargs="+", metavar="B", help="backbones to run (default: the embedded set)")
+    p.add_argument("--trials-per-method", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a ~2 minute smoke study")
+    p.add_argument("--no-memory-estimates", action="store_true", help="skip the per-pair memory estimates")
+    p.add_argument("--cost-runs", choices=["random", "none"], default="random",
+                   help="'random': random-weight backbones get one short cost run per method (memory, speed); "
+                        "'none': train them like pretrained ones")
+    runner.add_common_args(p, name="scaling")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    base = QUICK if args.quick else DEFAULT
+    s = Settings(trials_per_method=args.trials_per_method or base.trials_per_method,
+                 epochs=args.epochs or base.epochs, train_size=args.train_size or base.train_size,
+                 max_length=args.max_length or base.max_length, max_eval_examples=base.max_eval_examples,
+                 cost_epochs=base.cost_epochs, cost_batches=base.cost_batches)
+    methods = args.methods or (list(QUICK_METHODS) if args.quick else list(REGISTRY))
+    run_backbones = args.backbones or list(QUICK_RUN_BACKBONES if args.quick else DEFAULT_RUN_BACKBONES)
+    runner.check_names(methods, run_backbones + [args.max_model], args.task)
+    if min(s.trials_per_method, s.epochs, s.train_size) < 1:
+        raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
+    name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"
+    folder = runner.study_dir(args.storage, name, args.resume)
+
+    t0 = time.time()
+    all_backbones = list(dict.fromkeys(run_backbones + ladder(args.max_model)))
+    runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones (meta device)")
+    pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
+                            budget=plan.Budget.detect(), estimate_memory=not args.no_memory_estimates)
+    to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
+    estimated = [replace(p, reason="not in this study's run set (--backbones)") if p.runnable else p
+                 for p in pairs if p not in to_run]
+    runner.log(f"plan: {len(to_run)} pairs run here, {len(estimated)} estimated only ({time.time() - t0:.1f}s)")
+
+    groups = []
+    for p in to_run:
+        cost_only = p.weights == "random" and args.cost_runs == "random"
+        run = {"backbone": p.backbone, "method": p.method, "task": args.task, "text_col": args.text_col,
+               "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
+               "batch_size": args.batch_size, "seed": args.seed, "max_eval_examples": s.max_eval_examples,
+               "epochs": s.cost_epochs if cost_only else s.epochs,
+               "max_train_batches": s.cost_batches if cost_only else None, "weights": p.weights}
+        groups.append(Group(name=f"{p.method}|{p.backbone}", run=run, space=spaces.space(p.method),
+                            n_trials=1 if cost_only else s.trials_per_method, resources=p.resources))
+    plan_info = {"study": name, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
+                 "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,
+                            **p.counts, **(p.memory or {})} for p in pairs]}
+    trials, _ = runner.execute(name, folder, groups, [p.estimated_row() for p in estimated], plan_info=plan_info,
+                               resume=args.resume, address=args.address, seed=args.seed)
+    print(summary_table([t for t in trials if t["status"] != "estimated"]))
+    print(f"\n{sum(t['status'] == 'estimated' for t in trials)} pairs estimated only (see trials.parquet); "
+          f"wall time {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(runner.main_guard(main))

@@ -1,0 +1,154 @@
+"""The results schema: one module owns the Parquet columns, their types and the version.
+
+`trials.parquet` has one row per trial (and one per pair that was only estimated);
+`epochs.parquet` one row per trial × epoch. Hyperparameters are `hp.<name>` columns,
+typed from their values. Missing values are nulls, never NaN. Files are written
+atomically (temp file, then rename), so a reader never sees half a table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated")  # estimated: planned, too big to run here
+MEMORY_SOURCES = ("cuda", "tracked", "estimated")
+ENERGY_SOURCES = ("nvml", "rapl", "none")
+
+TRIAL_FIELDS: list[pa.Field] = [
+    pa.field("study", pa.string(), nullable=False),
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    pa.field("git_sha", pa.string()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("method_family", pa.string()),
+    pa.field("backbone", pa.string(), nullable=False),
+    pa.field("backbone_family", pa.string()),
+    pa.field("backbone_layers", pa.int64()),
+    pa.field("backbone_width", pa.int64()),
+    pa.field("weights", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("train_size", pa.int64()),
+    pa.field("seed", pa.int64()),
+    pa.field("max_length", pa.int64()),
+    pa.field("batch_size", pa.int64()),
+    pa.field("epochs", pa.int64()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("metric_name", pa.string()),
+    pa.field("best_metric", pa.float64()),
+    pa.field("best_epoch", pa.int64()),
+    pa.field("final_metric", pa.float64()),
+    pa.field("epochs_run", pa.int64()),
+    pa.field("epochs_to_target", pa.int64()),
+    pa.field("params_total", pa.int64()),
+    pa.field("params_trainable", pa.int64()),
+    pa.field("params_head", pa.int64()),
+    pa.field("peak_memory_bytes", pa.int64()),
+    pa.field("memory_params_bytes", pa.int64()),
+    pa.field("memory_grads_bytes", pa.int64()),
+    pa.field("memory_optimizer_bytes", pa.int64()),
+    pa.field("memory_activations_bytes", pa.int64()),
+    pa.field("memory_source", pa.string()),
+    pa.field("energy_joules", pa.float64()),
+    pa.field("energy_source", pa.string()),
+    pa.field("flops_per_step", pa.int64()),
+    pa.field("tokens_per_s", pa.float64()),
+    pa.field("train_time_s", pa.float64()),
+    pa.field("cache_hit", pa.bool_()),
+    pa.field("device", pa.string()),
+    pa.field("dtype", pa.string()),
+    pa.field("torch_version", pa.string()),
+    pa.field("transformers_version", pa.string()),
+    pa.field("ray_version", pa.string()),
+    pa.field("deepspeed_version", pa.string()),
+]
+EPOCH_FIELDS: list[pa.Field] = [
+    pa.field("study", pa.string(), nullable=False),
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("method", pa.string()),
+    pa.field("backbone", pa.string()),
+    pa.field("epoch", pa.int64(), nullable=False),
+    pa.field("train_loss", pa.float64()),
+    pa.field("metric_name", pa.string()),
+    pa.field("eval_metric", pa.float64()),
+    pa.field("wall_time_s", pa.float64()),
+    pa.field("tokens_seen", pa.int64()),
+    pa.field("lr", pa.float64()),
+]
+TRIAL_COLUMNS = [f.name for f in TRIAL_FIELDS]
+EPOCH_COLUMNS = [f.name for f in EPOCH_FIELDS]
+
+
+def _hp_type(values: Iterable[Any]) -> pa.DataType:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pa.bool_()
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.int64()
+    if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return pa.float64()
+    return pa.string()
+
+
+def trial_schema(rows: list[dict[str, Any]]) -> pa.Schema:
+    """The fixed trial columns plus one typed `hp.<name>` column per hyperparameter seen."""
+    hp_names = sorted({k for r in rows for k in r if k.startswith("hp.")})
+    hp_fields = [pa.field(n, _hp_type(r.get(n) for r in rows)) for n in hp_names]
+    return pa.schema(TRIAL_FIELDS + hp_fields, metadata=_metadata("trials"))
+
+
+def epoch_schema() -> pa.Schema:
+    return pa.schema(EPOCH_FIELDS, metadata=_metadata("epochs"))
+
+
+def _metadata(kind: str) -> dict[str, str]:
+    return {"petl_study.schema_version": SCHEMA_VERSION, "petl_study.table": kind}
+
+
+def _clean(value: Any, typ: pa.DataType) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # never NaN-coded
+    if value is not None and pa.types.is_string(typ) and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    unknown = sorted({k for r in rows for k in r} - set(schema.names))
+    if unknown:
+        raise ValueError(f"columns not in the results schema: {unknown}")
+    columns = {f.name: pa.array([_clean(r.get(f.name), f.type) for r in rows], type=f.type) for f in schema}
+    return pa.table(columns, schema=schema)
+
+
+def write_atomic(table: pa.Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_trials(rows: list[dict[str, Any]], path: Path) -> Path:
+    return write_atomic(to_table(rows, trial_schema(rows)), path)
+
+
+def write_epochs(rows: list[dict[str, Any]], path: Path) -> Path:
+    return write_atomic(to_table(rows, epoch_schema()), path)
+
+
+def read(path: Path) -> pa.Table:
+    """Read a results table, refusing files written under another schema version."""
+    table = pq.read_table(path)
+    version = (table.schema.metadata or {}).get(b"petl_study.schema_version", b"?").decode()
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+    return table

@@ -1,0 +1,181 @@
+"""Studies end to end on real Ray Tune (local, loopback): Parquet schema, resume after kill -9,
+GPU scheduling on a fake multi-node cluster, secrets, cluster.yaml, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from study import schema
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "hf_PLANTED_not_a_real_token_7731"
+TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-tiny", "--methods", "read", "lora",
+              "--task", "synthetic", "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none",
+              "--batch-size", "16"]
+
+
+def study_env() -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_TOKEN": SECRET, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a CLI in its own session, then make sure nothing it started outlives it."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=study_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error, PermissionError):
+            continue
+    return out
+
+
+def kill_session(sid: int) -> None:
+    """Kill what this test started (its own session), by PID — never a broad `ray stop`."""
+    for _ in range(3):
+        procs = session_processes(sid)
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+
+
+def test_tiny_study_writes_exact_schema_and_no_secrets(tmp_path):
+    out = run_cli("study.scaling", *TINY_STUDY, "--storage", str(tmp_path), "--no-memory-estimates")
+    assert out.returncode == 0, out.stderr[-4000:]
+    trials = pq.read_table(tmp_path / "scaling" / "trials.parquet")
+    epochs = pq.read_table(tmp_path / "scaling" / "epochs.parquet")
+    assert trials.schema.metadata[b"petl_study.schema_version"] == schema.SCHEMA_VERSION.encode()
+    fixed = [n for n in trials.schema.names if not n.startswith("hp.")]
+    assert fixed == schema.TRIAL_COLUMNS
+    for f in schema.TRIAL_FIELDS:
+        assert trials.schema.field(f.name).type == f.type, f.name
+    assert epochs.schema.names == schema.EPOCH_COLUMNS
+    df = trials.to_pandas()
+    assert len(df) == 2 * 2 * 2
+    assert set(df.status) == {"ok"}, df[["method", "backbone", "status", "error"]]
+    assert df.groupby(["method", "backbone"]).size().eq(2).all()
+    assert df["hp.lr"].notna().all() and df["params_trainable"].gt(0).all()
+    ep = pd.read_parquet(tmp_path / "scaling" / "epochs.parquet")
+    assert ep.groupby("trial_id").epoch.max().le(2).all() and len(ep) >= len(df)
+    # a planted secret in the environment appears in no file the study wrote
+    for path in (tmp_path / "scaling").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+
+
+def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
+    args = [*TINY_STUDY, "--methods", "full", "--trials-per-method", "3", "--epochs", "3", "--storage",
+            str(tmp_path), "--no-memory-estimates", "--name", "resume"]
+    proc = subprocess.Popen([sys.executable, "-m", "study.scaling", *args], cwd=ROOT, env=study_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sid = proc.pid
+    try:
+        deadline = time.time() + 240
+        exp = tmp_path / "resume" / "tune"
+        while time.time() < deadline:  # wait until some trial has finished at least one epoch
+            if any(exp.glob("*/epochs.jsonl")) if exp.exists() else False:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the study never started a trial")
+        time.sleep(3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        kill_session(sid)
+    assert not session_processes(sid)
+
+    out = run_cli("study.scaling", *args, "--resume")
+    assert out.returncode == 0, out.stderr[-4000:]
+    df = pd.read_parquet(tmp_path / "resume" / "trials.parquet")
+    assert len(df) == 2 * 3 and df.trial_id.is_unique
+    assert set(df.status) == {"ok"}, df[["trial_id", "status", "error"]]
+    ep = pd.read_parquet(tmp_path / "resume" / "epochs.parquet")
+    assert not ep.duplicated(["trial_id", "epoch"]).any()
+    assert ep.groupby("trial_id").epoch.max().eq(3).all()
+
+
+def test_gpu_trials_land_on_gpu_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from study import launch
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
+    try:
+        ray.init(address=cluster.address)
+        run = {"backbone": "llama-tiny", "method": "read", "task": "synthetic", "epochs": 1, "train_size": 32,
+               "max_length": 16, "batch_size": 16, "measure_memory": False}
+        groups = [launch.Group("read|gpu", run, {}, 2, {"cpu": 1, "gpu": 1}),
+                  launch.Group("read|cpu", run, {}, 1, {"cpu": 1})]
+        grid = launch.run(groups, str(tmp_path), verbose=0)
+        nodes = {r.config["group"]: set() for r in grid}
+        for r in grid:
+            assert r.error is None, r.error
+            nodes[r.config["group"]].add(r.metrics["node_id"])
+        assert nodes["read|gpu"] == {gpu_node.unique_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_cluster_yaml_validates_and_broken_copies_fail():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    text = (ROOT / "cluster.yaml").read_text()
+    for port in ("6379", "8265", "10001"):
+        assert f"FromPort: {port}" not in text
+    assert [p["FromPort"] for p in cfg["provider"]["security_group"]["IpPermissions"]] == [22]
+    assert "RAY_AUTH_MODE=token" in text and "--dashboard-host=127.0.0.1" in text
+    with pytest.raises(jsonschema.ValidationError, match="max_wrokers"):
+        validate_config(prepare_config({**cfg, "max_wrokers": 3}))
+    with pytest.raises(jsonschema.ValidationError, match="not of type"):
+        validate_config(prepare_config({**cfg, "max_workers": "many"}))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--methods", "nope"], "valid:"),
+    (["--backbones", "gpt-17"], "valid:"),
+    (["--task", "imdb-but-not-here"], "valid:"),
+    (["--max-model", "llama-900b"], "valid:"),
+    (["--storage", "/proc/no-such-dir"], "not writable"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path):
+    out = run_cli("study.scaling", "--storage", str(tmp_path / "r"), *args, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], out.stderr
+    assert not (tmp_path / "r" / "scaling").exists()
