@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from study import schema
+from study.plan import describe
+from trainables import backbones
 
 _TRIAL_KEYS = set(schema.TRIAL_COLUMNS)
 
@@ -52,8 +54,11 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[
         trial_id = str(last.get("trial_id") or Path(result.path).name)
         row: dict[str, Any] = {k: v for k, v in last.items() if k in _TRIAL_KEYS}
         row.update(env)
-        row.update(study=study, trial_id=trial_id, created_at=now,
-                   method=run.get("method"), backbone=run.get("backbone"), task=run.get("task"),
+        row.update(describe(run["method"], run["backbone"]))
+        weights = run.get("weights")
+        if weights in (None, "auto"):
+            weights = "pretrained" if backbones.get_spec(run["backbone"]).local else "random"
+        row.update(study=study, trial_id=trial_id, created_at=now, task=run.get("task"), weights=weights,
                    train_size=run.get("train_size"), seed=run.get("seed"), max_length=run.get("max_length"),
                    batch_size=run.get("batch_size"), epochs=run.get("epochs"))
         if result.error is not None and row.get("status", "ok") == "ok":

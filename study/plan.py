@@ -8,9 +8,13 @@ reason — never silently dropped.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,13 +53,21 @@ class PairPlan:
     runnable: bool
     reason: str = ""
     resources: dict[str, float] = field(default_factory=dict)
+    batch_size: int | None = None
+    seq_len: int | None = None
 
     def estimated_row(self) -> dict[str, Any]:
-        spec = backbones.get_spec(self.backbone)
-        return {"method": self.method, "method_family": get_method(self.method).family,
-                "backbone": self.backbone, "backbone_family": spec.family, "backbone_layers": spec.n_layers,
-                "backbone_width": spec.d_model, "weights": self.weights, "status": "estimated",
-                "error": self.reason, **self.counts, **(self.memory or {})}
+        """The plan as a trials.parquet row: default-config counts and memory, status `estimated`."""
+        return {**describe(self.method, self.backbone), "weights": self.weights, "status": "estimated",
+                "error": None if self.runnable else self.reason, "batch_size": self.batch_size,
+                "max_length": self.seq_len, **self.counts, **(self.memory or {})}
+
+
+def describe(method: str, backbone: str) -> dict[str, Any]:
+    """Registry facts recorded on every row, so the analysis needs no registry."""
+    spec = backbones.get_spec(backbone)
+    return {"method": method, "method_family": get_method(method).family, "backbone": backbone,
+            "backbone_family": spec.family, "backbone_layers": spec.n_layers, "backbone_width": spec.d_model}
 
 
 def block_params(spec: backbones.BackboneSpec) -> int:
@@ -71,31 +83,78 @@ def counts(method: str, backbone: str, method_config: dict | None = None, n_labe
     return model.param_counts()
 
 
+def _code_fingerprint() -> str:
+    """Estimates depend on the code that builds and steps the model: key the cache on it."""
+    import trainables
+
+    root = Path(trainables.__file__).parent
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in sorted([*root.glob("*.py"), *root.glob("methods/*.py")]):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _estimate(backbone: str, method: str, batch_size: int, seq_len: int, dtype: str) -> dict[str, Any]:
+    from trainables.memory import estimate_step  # fake-tensor machinery: only when planning memory
+
+    torch.set_num_threads(1)
+    return estimate_step(backbone, method, None, batch_size=batch_size, seq_len=seq_len,
+                         dtype=getattr(torch, dtype)).as_dict()
+
+
+def estimate_memory(pairs: Sequence[tuple[str, str]], *, batch_size: int, seq_len: int, dtype: str,
+                    cache_file: Path | None, progress: Callable[[str], None]) -> dict[tuple[str, str], dict]:
+    """Estimated peak memory of every pair: Ray tasks in parallel, remembered on disk by code version."""
+    import ray
+
+    fingerprint = _code_fingerprint()
+    key = {pair: f"{pair[0]}|{pair[1]}|{batch_size}|{seq_len}|{dtype}|{fingerprint}" for pair in pairs}
+    cache: dict[str, dict] = {}
+    if cache_file is not None and cache_file.exists():
+        with contextlib.suppress(ValueError, OSError):
+            cache = json.loads(cache_file.read_text())
+    todo = [p for p in pairs if key[p] not in cache]
+    if todo:
+        task = ray.remote(num_cpus=1)(_estimate)
+        refs = {task.remote(b, m, batch_size, seq_len, dtype): (m, b) for m, b in todo}
+        pending, done = list(refs), 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            pair = refs[ready[0]]
+            cache[key[pair]] = ray.get(ready[0])
+            done += 1
+            progress(f"memory estimate {done}/{len(todo)}: {pair[0]} on {pair[1]}")
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+    return {p: cache[key[p]] for p in pairs}
+
+
 def plan_pairs(methods: Sequence[str], backbone_names: Sequence[str], *, batch_size: int, seq_len: int,
-               budget: Budget, estimate_memory: bool = True,
+               budget: Budget, estimate: bool = True, cache_file: Path | None = None,
                progress: Callable[[str], None] = lambda s: None) -> list[PairPlan]:
-    dtype = torch.bfloat16 if budget.device == "cuda" else torch.float32
+    """Counts (meta device) and memory estimates (fake tensors, Ray tasks) for every pair."""
+    dtype = "bfloat16" if budget.device == "cuda" else "float32"
+    pairs = [(m, b) for b in backbone_names for m in methods]
+    memory = (estimate_memory(pairs, batch_size=batch_size, seq_len=seq_len, dtype=dtype, cache_file=cache_file,
+                              progress=progress) if estimate else {})
+    resources = {"cpu": budget.cpus_per_trial, **({"gpu": budget.gpus_per_trial} if budget.gpus_per_trial else {})}
     plans: list[PairPlan] = []
     for name in backbone_names:
         spec = backbones.get_spec(name)
-        weights = "pretrained" if spec.local else "random"
         compute = block_params(spec)
         for method in methods:
-            progress(f"plan {method} on {name}")
-            memory = None
-            if estimate_memory:
-                from trainables.memory import estimate_step  # fake-tensor machinery: only when asked
-
-                memory = estimate_step(name, method, None, batch_size=batch_size, seq_len=seq_len,
-                                       dtype=dtype).as_dict()
+            mem = memory.get((method, name))
             reason = ""
             if spec.tokenizer is None:
                 reason = "no offline tokenizer/weights here (hub id for clusters)"
             elif budget.device == "cpu" and compute > budget.cpu_max_block_params:
                 reason = f"too slow on cpu: {compute / 1e6:.0f}M block params > {budget.cpu_max_block_params / 1e6:.0f}M"
-            elif memory and memory["peak_memory_bytes"] > budget.memory_bytes:
-                reason = (f"needs {memory['peak_memory_bytes'] / 2**30:.1f} GiB (estimated) > "
+            elif mem and mem["peak_memory_bytes"] > budget.memory_bytes:
+                reason = (f"needs {mem['peak_memory_bytes'] / 2**30:.1f} GiB (estimated) > "
                           f"{budget.memory_bytes / 2**30:.1f} GiB per trial")
-            resources = {"cpu": budget.cpus_per_trial, **({"gpu": budget.gpus_per_trial} if budget.gpus_per_trial else {})}
-            plans.append(PairPlan(method, name, weights, counts(method, name), memory, not reason, reason, resources))
+            plans.append(PairPlan(method, name, "pretrained" if spec.local else "random", counts(method, name),
+                                  mem, not reason, reason, resources, batch_size, seq_len))
     return plans

@@ -81,6 +81,11 @@ def study_dir(storage: str, name: str, resume: bool) -> str:
     return str(folder)
 
 
+def plan_cache(storage: str) -> Path | None:
+    """Memory estimates are remembered across studies under a local storage root."""
+    return launch.local_path(storage) / ".plan-cache.json" if launch.storage_is_local(storage) else None
+
+
 def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: list[dict[str, Any]], *,
             plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
             early_stopping: bool = True) -> tuple[list[dict], list[dict]]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from study import plan, runner, spaces
+from study import launch, plan, runner, spaces
 from study.collect import summary_table
 from study.launch import Group
 from trainables import backbones
@@ -84,13 +84,15 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     all_backbones = list(dict.fromkeys(run_backbones + ladder(args.max_model)))
-    runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones (meta device)")
+    runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones: meta-device counts"
+               + ("" if args.no_memory_estimates else " and fake-tensor memory estimates (Ray tasks)"))
+    launch.init_ray(args.address)
     pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
-                            budget=plan.Budget.detect(), estimate_memory=not args.no_memory_estimates)
+                            budget=plan.Budget.detect(), estimate=not args.no_memory_estimates,
+                            cache_file=runner.plan_cache(args.storage), progress=runner.log)
     to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
-    estimated = [replace(p, reason="not in this study's run set (--backbones)") if p.runnable else p
-                 for p in pairs if p not in to_run]
-    runner.log(f"plan: {len(to_run)} pairs run here, {len(estimated)} estimated only ({time.time() - t0:.1f}s)")
+    runner.log(f"plan: {len(to_run)} of {len(pairs)} pairs run here, every pair is recorded with its estimate "
+               f"({time.time() - t0:.1f}s)")
 
     groups = []
     for p in to_run:
@@ -105,10 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     plan_info = {"study": name, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
                  "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,
                             **p.counts, **(p.memory or {})} for p in pairs]}
-    trials, _ = runner.execute(name, folder, groups, [p.estimated_row() for p in estimated], plan_info=plan_info,
+    trials, _ = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,
                                resume=args.resume, address=args.address, seed=args.seed)
     print(summary_table([t for t in trials if t["status"] != "estimated"]))
-    print(f"\n{sum(t['status'] == 'estimated' for t in trials)} pairs estimated only (see trials.parquet); "
+    print(f"\n{len(pairs) - len(to_run)} pairs estimated only (all {len(pairs)} planned rows in trials.parquet); "
           f"wall time {time.time() - t0:.0f}s")
 
 

@@ -94,15 +94,18 @@ class ReadModel(SideModel):
     def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output:
         dtype = self.head.weight.dtype
         mask = taps.attention_mask
-        hidden = {i: h.to(dtype) for i, h in taps.hidden.items()}
         pos = pooled_positions(mask, self.pooling)
-        if pos is not None:  # the loss reads one position: keep only it (B×1×d, mask of ones)
+        if pos is not None:
+            # The loss reads one position: keep only it, before any dtype copy (B×d per tap, no masking).
             rows = torch.arange(mask.shape[0], device=mask.device)
-            hidden = {i: h[rows, pos].unsqueeze(1) for i, h in hidden.items()}
-            mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
-        real = mask.bool()
-        delta = self.correction([hidden[i][real] for i in self.tap_layers()])
-        final = self.final_norm(hidden[self.spec.n_layers]).to(dtype)
+            picked = {i: h[rows, pos] if h.shape[1] > 1 else h[:, 0] for i, h in taps.hidden.items()}
+            delta = self.correction([picked[i].to(dtype) for i in self.tap_layers()])
+            final = self.final_norm(picked[self.spec.n_layers]).to(dtype) + delta
+            ones = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
+            return self.classify(final.unsqueeze(1), ones, labels)
+        real = mask.bool()  # mean pooling: the RNN runs on real tokens only
+        delta = self.correction([taps.hidden[i][real].to(dtype) for i in self.tap_layers()])
+        final = self.final_norm(taps.hidden[self.spec.n_layers]).to(dtype)
         final = final.masked_scatter(real.unsqueeze(-1), final[real] + delta)
         return self.classify(final, mask, labels)
 
