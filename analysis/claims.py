@@ -1,0 +1,584 @@
+"""The papers' claims, tested on a study's Parquet tables: computations and verdict rules.
+
+Every function takes the tables as DataFrames (read with `read_trials` / `read_epochs`,
+which check the schema version), so the rules can be tested on planted tables. A
+verdict is one of SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE or NO_DATA, with the number it
+rests on, its confidence interval where one makes sense, n, and details that say where
+the numbers came from. Only `study.schema` is imported from the project.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from study import schema
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA)
+VERDICT_KEYS = ("claim", "scope", "verdict", "statistic", "ci", "n", "details")
+
+PARAMS_CLAIM = "read-params-flat"
+CONVERGENCE_CLAIM = "read-slower-convergence-small-data"
+
+FLAT_SLOPE = 0.05  # |log-log slope| at most this is "flat": doubling the axis changes the count by < 3.5%
+TARGET_FRACTION = 0.95  # epochs-to-target: first epoch within 5% of the trial's best metric
+COST_TOLERANCE = 0.10  # a cost claim holds if the measured change is within 10 points of the paper's, or better
+N_BOOT = 10_000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim judged in one scope (a family, a training-set size, a measurement source)."""
+
+    claim: str
+    scope: str
+    verdict: str
+    statistic: float | None
+    ci: tuple[float, float] | None
+    n: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r} is not one of {VERDICTS}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return plain({"claim": self.claim, "scope": self.scope, "verdict": self.verdict,
+                      "statistic": self.statistic, "ci": list(self.ci) if self.ci is not None else None,
+                      "n": self.n, "details": self.details})
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars to Python, NaN to None (the results never NaN-code a null)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray | pd.Series):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- reading and writing
+
+def read_trials(results_dir: str | Path) -> pd.DataFrame:
+    return schema.read(Path(results_dir) / "trials.parquet").to_pandas()
+
+
+def read_trials_of(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """The trials of several studies in one table (empty or missing paths are skipped)."""
+    found = [Path(d) for d in dirs if d and (Path(d) / "trials.parquet").is_file()]
+    if not found:
+        raise FileNotFoundError(f"no trials.parquet in any of {list(dirs)}")
+    return pd.concat([read_trials(d) for d in found], ignore_index=True)
+
+
+def read_epochs(results_dir: str | Path) -> pd.DataFrame:
+    path = Path(results_dir) / "epochs.parquet"
+    if not path.exists():  # a study that only planned has no epochs
+        return pd.DataFrame(columns=schema.EPOCH_COLUMNS)
+    return schema.read(path).to_pandas()
+
+
+def write_verdicts(verdicts: Sequence[Verdict], results_dir: str | Path,
+                   claims: Iterable[str] | None = None) -> Path:
+    """Merge into `<results_dir>/verdicts.json`: entries of these claims replace earlier ones.
+
+    Each notebook owns some claims, so notebooks can run in any order, or again, and the
+    file always holds the latest verdict of every claim judged on that directory.
+    """
+    path = Path(results_dir) / "verdicts.json"
+    owned = set(claims or ()) | {v.claim for v in verdicts}
+    kept = [e for e in read_verdicts(results_dir) if e.get("claim") not in owned]
+    entries = kept + [v.as_dict() for v in verdicts]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=2, allow_nan=False, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_verdicts(results_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(results_dir) / "verdicts.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+def verdict_problems(entry: dict[str, Any]) -> list[str]:
+    """What makes a verdicts.json entry malformed (empty list: well-formed)."""
+    problems = []
+    if set(entry) != set(VERDICT_KEYS):
+        problems.append(f"keys {sorted(entry)} != {sorted(VERDICT_KEYS)}")
+    if not isinstance(entry.get("claim"), str) or not isinstance(entry.get("scope"), str):
+        problems.append("claim and scope must be strings")
+    if entry.get("verdict") not in VERDICTS:
+        problems.append(f"verdict {entry.get('verdict')!r} not in {VERDICTS}")
+    if entry.get("statistic") is not None and not isinstance(entry["statistic"], int | float):
+        problems.append("statistic must be a number or null")
+    ci = entry.get("ci")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, int | float) for x in ci)
+                               and ci[0] <= ci[1]):
+        problems.append(f"ci must be null or [low, high], got {ci!r}")
+    if not isinstance(entry.get("n"), int) or entry["n"] < 0:
+        problems.append("n must be a non-negative integer")
+    if not isinstance(entry.get("details"), dict):
+        problems.append("details must be an object")
+    return problems
+
+
+def verdict_table(verdicts: Iterable[Verdict | dict[str, Any]]) -> pd.DataFrame:
+    """The verdicts as a table to show in a notebook (the summary sentence included)."""
+    rows = [v.as_dict() if isinstance(v, Verdict) else v for v in verdicts]
+    return pd.DataFrame([{**{k: r[k] for k in VERDICT_KEYS if k != "details"},
+                          "summary": r["details"].get("summary", "")} for r in rows])
+
+
+# --------------------------------------------------------------------------- 1. parameter scaling
+
+def _is_default_config(trials: pd.DataFrame) -> pd.Series:
+    hp = [c for c in trials.columns if c.startswith("hp.m.")]
+    return trials[hp].isna().all(axis=1) if hp else pd.Series(True, index=trials.index)
+
+
+def parameter_counts(trials: pd.DataFrame) -> pd.DataFrame:
+    """One trainable count (head excluded) per method × backbone, at the method's default config.
+
+    Tuned trials vary capacity knobs (READ's hidden size, LoRA's rank), which would mix
+    configurations into a scaling fit. Planned (`estimated`) rows and methods without a
+    knob carry the default config; a pair seen only with tuned knobs keeps its median
+    count, is marked config="tuned" and is left out of the fits.
+    """
+    cols = ["method", "backbone", "backbone_family", "layers", "width", "params_trainable", "params_total",
+            "config", "rows", "ladder"]
+    t = trials[trials["params_trainable"].notna()].copy()
+    if t.empty:
+        return pd.DataFrame(columns=cols)
+    # failed or early rows may lack the backbone's shape: take it from any row of that backbone
+    for col in ("backbone_family", "backbone_layers", "backbone_width"):
+        known = trials.dropna(subset=[col]).groupby("backbone")[col].first()
+        t[col] = t[col].where(t[col].notna(), t["backbone"].map(known))
+    t = t.dropna(subset=["backbone_layers", "backbone_width"])
+    t["default"] = _is_default_config(t)
+    rows = []
+    for (method, backbone), g in t.groupby(["method", "backbone"], sort=False):
+        use, config = (g[g["default"]], "default") if g["default"].any() else (g, "tuned")
+        first = use.iloc[0]
+        rows.append({"method": method, "backbone": backbone, "backbone_family": first["backbone_family"],
+                     "layers": int(first["backbone_layers"]), "width": int(first["backbone_width"]),
+                     "params_trainable": float(use["params_trainable"].median()),
+                     "params_total": float(use["params_total"].median()), "config": config, "rows": len(use),
+                     "ladder": str(backbone).split("@")[0]})
+    return pd.DataFrame(rows, columns=cols).sort_values(["method", "backbone_family", "width", "layers"],
+                                                        ignore_index=True)
+
+
+def _slopes(y: np.ndarray, *xs: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of y on the columns xs (intercept dropped)."""
+    design = np.column_stack([np.ones_like(y), *xs])
+    return np.linalg.lstsq(design, y, rcond=None)[0][1:]
+
+
+def depth_fits(counts: pd.DataFrame) -> pd.DataFrame:
+    """Log-log slope of each method's count against depth L along each depth ladder.
+
+    A ladder is one architecture truncated to several depths (`smollm2-135m@L2`, `@L4`, ...
+    and the full model): width and everything else fixed, so the slope isolates depth.
+    """
+    rows = []
+    c = counts[counts["config"] == "default"]
+    for (ladder, method), g in c.groupby(["ladder", "method"]):
+        if g["layers"].nunique() < 2 or g["width"].nunique() != 1:
+            continue
+        g = g.sort_values("layers")
+        slope = _slopes(np.log(g["params_trainable"].to_numpy()), np.log(g["layers"].to_numpy(float)))[0]
+        rows.append({"ladder": ladder, "method": method, "backbone_family": g["backbone_family"].iloc[0],
+                     "width": int(g["width"].iloc[0]), "n": len(g), "layers": g["layers"].tolist(),
+                     "params": g["params_trainable"].tolist(), "loglog_slope": float(slope),
+                     "ratio": float(g["params_trainable"].iloc[-1] / g["params_trainable"].iloc[0])})
+    return pd.DataFrame(rows, columns=["ladder", "method", "backbone_family", "width", "n", "layers", "params",
+                                       "loglog_slope", "ratio"])
+
+
+def width_fits(counts: pd.DataFrame) -> pd.DataFrame:
+    """How each method's count grows with width d across a family's backbones.
+
+    Along a family's ladder depth grows with width, so the log-log slope on d is taken
+    with log L as a covariate when the data can separate them (n >= 4, two or more
+    depths); otherwise it is the plain slope, marked `depth_adjusted=False`. A straight
+    line N = a + b·d (with R²) says whether growth is linear in d.
+    """
+    rows = []
+    c = counts[counts["config"] == "default"]
+    for (family, method), g in c.groupby(["backbone_family", "method"]):
+        if g["width"].nunique() < 2:
+            continue
+        n_params = g["params_trainable"].to_numpy()
+        d, layers = g["width"].to_numpy(float), g["layers"].to_numpy(float)
+        log_y, log_d, log_l = np.log(n_params), np.log(d), np.log(layers)
+        adjusted = len(g) >= 4 and g["layers"].nunique() >= 2 and np.linalg.matrix_rank(
+            np.column_stack([np.ones_like(log_d), log_d, log_l])) == 3
+        slope = _slopes(log_y, log_d, log_l)[0] if adjusted else _slopes(log_y, log_d)[0]
+        b, a = np.polyfit(d, n_params, 1)
+        resid = n_params - (a + b * d)
+        total = ((n_params - n_params.mean()) ** 2).sum()
+        r2 = 1.0 - (resid ** 2).sum() / total if total > 0 else 1.0
+        lo, hi = g.loc[g["width"].idxmin()], g.loc[g["width"].idxmax()]
+        rows.append({"backbone_family": family, "method": method, "n": len(g), "width_min": int(d.min()),
+                     "width_max": int(d.max()), "loglog_slope": float(slope), "depth_adjusted": bool(adjusted),
+                     "linear_intercept": float(a), "linear_slope": float(b), "linear_r2": float(r2),
+                     "ratio": float(hi["params_trainable"] / lo["params_trainable"])})
+    return pd.DataFrame(rows, columns=["backbone_family", "method", "n", "width_min", "width_max", "loglog_slope",
+                                       "depth_adjusted", "linear_intercept", "linear_slope", "linear_r2", "ratio"])
+
+
+def _flat(slope: float) -> str:
+    return SUPPORTED if abs(slope) <= FLAT_SLOPE else NOT_SUPPORTED
+
+
+def parameter_verdicts(trials: pd.DataFrame, method: str = "read") -> list[Verdict]:
+    """READ's trainable count "does not grow with the backbone": judged along depth and along width.
+
+    Rule: |log-log slope| <= FLAT_SLOPE → supported (flat), else not supported; fewer than
+    two depths (widths) → inconclusive; no READ counts → no data. Counts are exact, so no CI.
+    """
+    counts = parameter_counts(trials)
+    rule = f"|log-log slope| <= {FLAT_SLOPE} → supported (flat); larger → not supported; < 2 sizes → inconclusive"
+    mine = counts[(counts["method"] == method) & (counts["config"] == "default")]
+    if mine.empty:
+        return [Verdict(PARAMS_CLAIM, "all backbones", NO_DATA, None, None, 0,
+                        {"rule": rule, "summary": f"no default-config {method} parameter counts in the table"})]
+    out: list[Verdict] = []
+    depth = depth_fits(counts)
+    mine_depth = depth[depth["method"] == method]
+    if mine_depth.empty:
+        out.append(Verdict(PARAMS_CLAIM, "depth", INCONCLUSIVE, None, None, 0,
+                           {"axis": "depth", "rule": rule,
+                            "summary": "no depth ladder (one architecture at >= 2 depths) in the table"}))
+    for r in mine_depth.itertuples():
+        others = depth[(depth["ladder"] == r.ladder) & (depth["method"] != method)]
+        verdict = _flat(r.loglog_slope)
+        out.append(Verdict(
+            PARAMS_CLAIM, f"depth: {r.ladder} ladder ({r.backbone_family}, width {r.width})", verdict,
+            r.loglog_slope, None, r.n,
+            {"axis": "depth", "family": r.backbone_family, "width": r.width, "layers": r.layers,
+             "params_trainable": r.params, "ratio_deepest_to_shallowest": r.ratio,
+             "other_methods_loglog_slope": dict(zip(others["method"], others["loglog_slope"], strict=True)),
+             "source": "params_trainable (head excluded), default method config", "rule": rule,
+             "summary": (f"{method} count vs depth L = {min(r.layers)}–{max(r.layers)} at width {r.width}: "
+                         f"log-log slope {r.loglog_slope:.3f}, ×{r.ratio:.2f} from shallowest to deepest — "
+                         + ("flat" if verdict == SUPPORTED else "grows"))}))
+    width = width_fits(counts)
+    mine_width = width[width["method"] == method]
+    families = sorted(set(mine["backbone_family"].dropna()))
+    for family in families:
+        rows = mine_width[mine_width["backbone_family"] == family]
+        if rows.empty:
+            out.append(Verdict(PARAMS_CLAIM, f"width: {family}", INCONCLUSIVE, None, None,
+                               int((mine["backbone_family"] == family).sum()),
+                               {"axis": "width", "family": family, "rule": rule,
+                                "summary": f"only one width in the {family} family"}))
+            continue
+        r = next(rows.itertuples())
+        others = width[(width["backbone_family"] == family) & (width["method"] != method)]
+        verdict = _flat(r.loglog_slope)
+        linear = r.linear_r2 >= 0.99
+        out.append(Verdict(
+            PARAMS_CLAIM, f"width: {family} (d = {r.width_min}–{r.width_max})", verdict, r.loglog_slope, None, r.n,
+            {"axis": "width", "family": family, "depth_adjusted": r.depth_adjusted,
+             "linear_fit": {"intercept": r.linear_intercept, "per_unit_width": r.linear_slope, "r2": r.linear_r2},
+             "ratio_widest_to_narrowest": r.ratio,
+             "other_methods_loglog_slope": dict(zip(others["method"], others["loglog_slope"], strict=True)),
+             "source": "params_trainable (head excluded), default method config", "rule": rule,
+             "summary": (f"{method} count vs width d = {r.width_min}–{r.width_max} ({family}): log-log slope "
+                         f"{r.loglog_slope:.3f}{' (depth-adjusted)' if r.depth_adjusted else ''}, "
+                         f"×{r.ratio:.1f} narrowest to widest; N ≈ {r.linear_intercept:,.0f} + "
+                         f"{r.linear_slope:,.0f}·d (R² = {r.linear_r2:.4f})"
+                         + (" — grows linearly in d" if linear and verdict == NOT_SUPPORTED else ""))}))
+    return out
+
+
+# --------------------------------------------------------------------------- 2. convergence
+
+PAIR_KEYS = ["backbone", "task", "train_size", "seed"]
+
+
+def epochs_to_target(epochs: pd.DataFrame, fraction: float = TARGET_FRACTION) -> pd.DataFrame:
+    """Per trial, from its per-epoch metric: the first epoch within `fraction` of its best (higher is better).
+
+    Recomputed here rather than trusted from the trials table, so the rule is the one stated
+    in this module whatever the training loop recorded.
+    """
+    cols = ["trial_id", "epochs_to_target", "best_metric_epochs", "best_epoch_epochs", "epochs_recorded",
+            "last_epoch"]
+    e = epochs.dropna(subset=["eval_metric"]).drop_duplicates(["trial_id", "epoch"], keep="last")
+    rows = []
+    for trial_id, g in e.sort_values("epoch").groupby("trial_id", sort=False):
+        metric, epoch = g["eval_metric"].to_numpy(float), g["epoch"].to_numpy()
+        best = metric.max()
+        target = best - (1.0 - fraction) * abs(best)
+        rows.append({"trial_id": trial_id, "epochs_to_target": int(epoch[np.argmax(metric >= target)]),
+                     "best_metric_epochs": float(best), "best_epoch_epochs": int(epoch[np.argmax(metric)]),
+                     "epochs_recorded": len(g), "last_epoch": int(epoch[-1])})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def convergence_table(trials: pd.DataFrame, epochs: pd.DataFrame,
+                      fraction: float = TARGET_FRACTION) -> pd.DataFrame:
+    """Finished trials with epochs-to-target recomputed from epochs.parquet, the trials column beside it."""
+    ok = trials[trials["status"] == "ok"]
+    keep = ["trial_id", "method", *PAIR_KEYS, "epochs", "epochs_to_target"]
+    table = ok[keep].rename(columns={"epochs_to_target": "ett_reported"}).merge(
+        epochs_to_target(epochs, fraction), on="trial_id", how="inner")
+    table["reported_agrees"] = table["ett_reported"].isna() | (table["ett_reported"] == table["epochs_to_target"])
+    return table
+
+
+def paired_differences(table: pd.DataFrame, method: str = "read", other: str = "lora") -> pd.DataFrame:
+    """Epochs-to-target of `method` minus `other`, paired on backbone, task, size and seed."""
+    def mean_ett(m: str) -> pd.Series:
+        return table[table["method"] == m].groupby(PAIR_KEYS, dropna=False)["epochs_to_target"].mean()
+
+    both = pd.concat({method: mean_ett(method), other: mean_ett(other)}, axis=1, join="inner").reset_index()
+    both["diff"] = both[method] - both[other]
+    return both
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n_boot: int = N_BOOT,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of the mean (seeded numpy; None below two values)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def difference_rule(n: int, ci: tuple[float, float] | None) -> str:
+    """CI of the mean difference entirely > 0 → supported, entirely <= 0 → not supported; n < 2 → inconclusive."""
+    if n < 2 or ci is None:
+        return INCONCLUSIVE
+    if ci[0] > 0:
+        return SUPPORTED
+    if ci[1] <= 0:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def convergence_verdicts(trials: pd.DataFrame, epochs: pd.DataFrame, method: str = "read",
+                         comparators: Sequence[str] | None = None, seed: int = 0) -> list[Verdict]:
+    """READ needs more epochs than other methods on small data: one verdict per size × comparator.
+
+    Comparators default to LoRA, adapter and full FT, then any other method in the table.
+    """
+    rule = ("bootstrap 95% CI of mean(READ − other epochs-to-target) entirely > 0 → supported; "
+            "entirely <= 0 → not supported; otherwise, or fewer than 2 pairs → inconclusive")
+    table = convergence_table(trials, epochs)
+    present = list(dict.fromkeys(table["method"]))
+    if method not in present:
+        return [Verdict(CONVERGENCE_CLAIM, "all sizes", NO_DATA, None, None, 0,
+                        {"rule": rule, "summary": f"no finished {method} trials with per-epoch metrics"})]
+    preferred = [m for m in ("lora", "adapter", "full") if m in present]
+    others = list(comparators) if comparators is not None else preferred + sorted(
+        m for m in present if m not in preferred and m != method)
+    mismatches = int((~table["reported_agrees"]).sum())
+    out: list[Verdict] = []
+    for other in others:
+        diffs = paired_differences(table, method, other)
+        if diffs.empty:
+            out.append(Verdict(CONVERGENCE_CLAIM, f"{method} − {other}", NO_DATA, None, None, 0,
+                               {"comparator": other, "rule": rule,
+                                "summary": f"no (size, seed) where both {method} and {other} finished"}))
+            continue
+        for (backbone, size), g in diffs.groupby(["backbone", "train_size"], dropna=False):
+            ci = bootstrap_ci(g["diff"], seed=seed)
+            verdict = difference_rule(len(g), ci)
+            mine = table[(table["method"] == method) & (table["backbone"] == backbone)
+                         & (table["train_size"] == size)]
+            censored = int((mine["best_epoch_epochs"] == mine["last_epoch"]).sum())
+            mean = float(g["diff"].mean())
+            ci_text = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "n/a"
+            out.append(Verdict(
+                CONVERGENCE_CLAIM, f"{backbone}, train_size={int(size)}: {method} − {other}", verdict, mean, ci,
+                len(g),
+                {"comparator": other, "backbone": backbone, "train_size": int(size),
+                 "seeds": g["seed"].tolist(), "differences": g["diff"].tolist(),
+                 f"mean_{method}": float(g[method].mean()), f"mean_{other}": float(g[other].mean()),
+                 "epoch_budget": int(table["epochs"].max()) if table["epochs"].notna().any() else None,
+                 f"{method}_best_at_last_epoch": censored, "target_fraction": TARGET_FRACTION,
+                 "reported_column_mismatches": mismatches,
+                 "source": "epochs.parquet eval_metric (recomputed epochs-to-target)", "rule": rule,
+                 "summary": (f"train_size {int(size)}: {method} − {other} = {mean:+.2f} epochs "
+                             f"(95% CI {ci_text}, n={len(g)} pairs)"
+                             + (f"; {censored} of {len(mine)} {method} trials peaked at their last epoch "
+                                "(may need more than the budget)" if censored else ""))}))
+    return out
+
+
+# --------------------------------------------------------------------------- 3. memory and energy
+
+@dataclass(frozen=True)
+class CostClaim:
+    """A paper's cost figure: method vs full fine-tuning, as a relative change (−0.56 = −56%)."""
+
+    claim: str
+    method: str
+    quantity: str  # memory | energy
+    paper_change: float
+    paper: str
+
+
+COST_CLAIMS = (
+    CostClaim("read-memory-56", "read", "memory", -0.56,
+              "READ (arXiv 2305.15348): −56% training memory vs full fine-tuning, T5 on GLUE"),
+    CostClaim("read-energy-84", "read", "energy", -0.84,
+              "READ (arXiv 2305.15348): −84% GPU energy vs full fine-tuning, T5 on GLUE"),
+    CostClaim("lst-memory-69", "lst", "memory", -0.69,
+              "LST (arXiv 2206.06522): −69% training memory vs full fine-tuning, T5-base GLUE (17.6 → 5.5 GB)"),
+)
+COST_SOURCES = {"memory": ("cuda", "tracked", "estimated"), "energy": ("nvml", "rapl")}
+COST_KEYS = ["study", "backbone", "batch_size", "max_length", "source"]
+_NO_KEY = "∅"  # planned rows have no batch size: a visible placeholder keeps them in the groups
+
+
+def cost_values(trials: pd.DataFrame, quantity: str) -> pd.DataFrame:
+    """Median cost per method × setting × source: peak memory in bytes, or energy in joules per training token.
+
+    Energy is per training token because trials stop at different epochs (ASHA); the
+    paper's figure is for whole runs. Memory comes from finished and planned rows.
+    """
+    if quantity == "memory":
+        t = trials[trials["status"].isin(["ok", "estimated"]) & trials["peak_memory_bytes"].notna()].copy()
+        t["value"], t["source"] = t["peak_memory_bytes"].astype(float), t["memory_source"]
+    elif quantity == "energy":
+        t = trials[(trials["status"] == "ok") & trials["energy_joules"].notna()].copy()
+        tokens = t["tokens_per_s"] * t["train_time_s"]
+        t["value"], t["source"] = t["energy_joules"] / tokens.where(tokens > 0), t["energy_source"]
+    else:
+        raise ValueError(f"quantity must be memory or energy, got {quantity!r}")
+    t = t.dropna(subset=["value", "source"])
+    for key in ("batch_size", "max_length"):
+        t[key] = [int(x) if pd.notna(x) else _NO_KEY for x in t[key]]
+    return (t.groupby([*COST_KEYS, "method"], dropna=False, sort=False)["value"].agg(["median", "size"])
+            .rename(columns={"median": "value", "size": "trials"}).reset_index())
+
+
+def cost_ratios(trials: pd.DataFrame) -> pd.DataFrame:
+    """Every claim's method vs full FT in the same study, backbone, batch, length and source."""
+    frames = []
+    for c in COST_CLAIMS:
+        v = cost_values(trials, c.quantity)
+        mine = v[v["method"] == c.method].drop(columns="method")
+        full = v[v["method"] == "full"].drop(columns="method")
+        both = mine.merge(full, on=COST_KEYS, suffixes=("_method", "_full"))
+        both["change"] = both["value_method"] / both["value_full"] - 1.0
+        frames.append(both.assign(claim=c.claim, method=c.method, quantity=c.quantity,
+                                  paper_change=c.paper_change))
+    cols = ["claim", "method", "quantity", *COST_KEYS, "value_method", "value_full", "change", "paper_change",
+            "trials_method", "trials_full"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def cost_verdicts(trials: pd.DataFrame) -> list[Verdict]:
+    """One verdict per cost claim per measurement source.
+
+    Rule: the median over settings (backbones) of method/full − 1 at or below the paper's
+    change + COST_TOLERANCE (e.g. <= −0.46 for −56%) → supported, above → not supported;
+    no pair from that source → no data. Settings are not samples of one population, so
+    no CI: the per-backbone values and their range are in the details.
+    """
+    ratios = cost_ratios(trials)
+    out: list[Verdict] = []
+    for c in COST_CLAIMS:
+        threshold = c.paper_change + COST_TOLERANCE
+        rule = (f"median change <= {threshold:+.2f} (paper {c.paper_change:+.0%} + {COST_TOLERANCE:.0%} tolerance) "
+                "→ supported; above → not supported; no pair → no data")
+        for source in COST_SOURCES[c.quantity]:
+            r = ratios[(ratios["claim"] == c.claim) & (ratios["source"] == source)]
+            base = {"paper": c.paper, "paper_change": c.paper_change, "quantity": c.quantity, "source": source,
+                    "rule": rule}
+            if r.empty:
+                out.append(Verdict(c.claim, f"source={source}", NO_DATA, None, None, 0,
+                                   {**base, **_missing_cost(trials, c, source)}))
+                continue
+            median = float(r["change"].median())
+            meets = int((r["change"] <= threshold).sum())
+            unit = "peak memory" if c.quantity == "memory" else "J per training token"
+            out.append(Verdict(
+                c.claim, f"source={source}", SUPPORTED if median <= threshold else NOT_SUPPORTED, median, None,
+                len(r),
+                {**base, "unit": unit, "range": [float(r["change"].min()), float(r["change"].max())],
+                 "settings_meeting_threshold": meets,
+                 "per_setting": [{"study": s.study, "backbone": s.backbone, "batch_size": s.batch_size,
+                                  "max_length": s.max_length, "change": s.change, "method": s.value_method,
+                                  "full": s.value_full} for s in r.itertuples()],
+                 "full_oom_backbones": sorted(set(trials.loc[(trials["method"] == "full")
+                                                             & (trials["status"] == "oom"), "backbone"])),
+                 "summary": (f"{c.method} vs full, {unit} ({source}): median {median:+.0%} over {len(r)} "
+                             f"setting(s), range {r['change'].min():+.0%} … {r['change'].max():+.0%}; "
+                             f"paper {c.paper_change:+.0%}")}))
+    return out
+
+
+def _missing_cost(trials: pd.DataFrame, c: CostClaim, source: str) -> dict[str, Any]:
+    col = "memory_source" if c.quantity == "memory" else "energy_source"
+    have = trials[trials[col] == source]
+    counts = {m: int((have["method"] == m).sum()) for m in (c.method, "full")}
+    none = int((trials["energy_source"] == "none").sum()) if c.quantity == "energy" else None
+    why = f"rows with {col}={source}: {c.method} {counts[c.method]}, full {counts['full']}"
+    if none:
+        why += f"; {none} trial(s) ran without an energy meter (energy_source=none)"
+    return {"rows_with_source": counts, "summary": f"no data: {why}"}
+
+
+# --------------------------------------------------------------------------- 4. quality per cost
+
+def best_per_method(trials: pd.DataFrame) -> pd.DataFrame:
+    """The best finished trial per backbone × method (after tuning), ties to the lower peak memory."""
+    cols = ["backbone", "method", "weights", "metric_name", "best_metric", "peak_memory_bytes", "memory_source",
+            "params_trainable", "trial_id", "trials"]
+    ok = trials[(trials["status"] == "ok") & trials["best_metric"].notna()]
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    ranked = ok.sort_values(["best_metric", "peak_memory_bytes"], ascending=[False, True], na_position="last")
+    best = ranked.groupby(["backbone", "method"], sort=False).head(1).copy()
+    best["trials"] = best.set_index(["backbone", "method"]).index.map(ok.groupby(["backbone", "method"]).size())
+    return best[cols].sort_values(["backbone", "method"], ignore_index=True)
+
+
+def pareto_front(frame: pd.DataFrame, cost: str, metric: str = "best_metric") -> pd.Series:
+    """True where no other point costs no more and scores no less, and is strictly better in one."""
+    cost_v, metric_v = frame[cost].to_numpy(float), frame[metric].to_numpy(float)
+    valid = ~(np.isnan(cost_v) | np.isnan(metric_v))
+    front = []
+    for i in range(len(frame)):
+        if not valid[i]:
+            front.append(False)
+            continue
+        dominated = valid & (cost_v <= cost_v[i]) & (metric_v >= metric_v[i]) & (
+            (cost_v < cost_v[i]) | (metric_v > metric_v[i]))
+        front.append(not dominated.any())
+    return pd.Series(front, index=frame.index, dtype=bool)
+
+
+def quality_per_cost(trials: pd.DataFrame) -> pd.DataFrame:
+    """Best trial per method on each backbone, flagged when on the Pareto front of memory and of params."""
+    best = best_per_method(trials)
+    best["front_memory"] = False
+    best["front_params"] = False
+    for _, g in best.groupby("backbone"):
+        best.loc[g.index, "front_memory"] = pareto_front(g, "peak_memory_bytes")
+        best.loc[g.index, "front_params"] = pareto_front(g, "params_trainable")
+    return best

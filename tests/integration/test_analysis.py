@@ -1,0 +1,144 @@
+"""The analysis notebooks end to end: two small real studies, then `python -m analysis.report` on them.
+
+The studies run once per session (a scaling study planned up to llama-70b, so the
+parameter-scaling notebook sees every registered size, and a convergence study); the
+report executes every notebook with papermill and must leave one well-formed verdict per
+claim, the figures, and executed copies that ran on this interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+
+from analysis import claims, report
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SCALING = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-70b", "--methods", "read", "lora", "full",
+           "--task", "synthetic", "--trials-per-method", "1", "--epochs", "3", "--cost-runs", "none",
+           # meta-device memory estimates up to 70B take minutes on 2 cores; counts alone take seconds
+           "--no-memory-estimates"]
+CONVERGENCE = ["--backbone", "llama-tiny", "--methods", "read", "lora", "--task", "synthetic", "--sizes", "32", "64",
+               "--seeds", "0", "1", "--epochs", "3"]
+FIGURES = {"01_parameter_scaling": ["parameter_scaling.png"], "02_convergence": ["convergence.png"],
+           "03_memory_energy": ["memory_energy.png"], "04_quality_per_cost": ["pareto_memory.png", "pareto_params.png"]}
+
+
+def run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """Run `python args...` in its own session and kill whatever it left behind (by PID, never by name)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        for _ in range(3):
+            left = [p for p in psutil.process_iter() if _session(p) == proc.pid]
+            if not left:
+                break
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(left, timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _session(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except (OSError, psutil.Error):
+        return None
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("analysis-studies")
+    timings = {}
+    for module, args in (("study.scaling", SCALING), ("study.convergence", CONVERGENCE)):
+        t0 = time.time()
+        out = run(["-m", module, *args, "--storage", str(root)], timeout=300)
+        assert out.returncode == 0, f"{module} failed:\n{out.stderr[-4000:]}"
+        timings[module] = time.time() - t0
+    print(f"study timings: {timings}")
+    return {"scaling": root / "scaling", "convergence": root / "convergence"}
+
+
+@pytest.fixture(scope="session")
+def reported(studies) -> dict[str, Path]:
+    out = run(["-m", "analysis.report", "--scaling", str(studies["scaling"]),
+               "--convergence", str(studies["convergence"])], timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "read-params-flat" in out.stdout
+    return studies
+
+
+def where(name: str, dirs: dict[str, Path]) -> Path:
+    return dirs[report.NOTEBOOKS[name][0]]
+
+
+@pytest.mark.parametrize("name", list(report.NOTEBOOKS))
+def test_notebook_executes_on_the_venv_kernel(reported, name):
+    folder = where(name, reported)
+    book = nbformat.read(folder / "notebooks" / f"{name}.ipynb", as_version=4)
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"kernel: {sys.executable}" in text
+    injected = [c for c in book.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and str(folder) in injected[0].source
+    for png in FIGURES[name]:
+        assert (folder / png).stat().st_size > 5_000, png
+
+
+def test_verdicts_json_has_a_well_formed_entry_per_claim(reported):
+    entries = [e for d in reported.values() for e in json.loads((d / "verdicts.json").read_text(encoding="utf-8"))]
+    assert all(claims.verdict_problems(e) == [] for e in entries), entries
+    expected = {claims.PARAMS_CLAIM, claims.CONVERGENCE_CLAIM, *(c.claim for c in claims.COST_CLAIMS)}
+    assert {e["claim"] for e in entries} == expected
+    # counts are exact and planned up to llama-70b: these verdicts do not depend on training noise
+    params = {e["details"]["axis"]: e for e in entries if e["claim"] == claims.PARAMS_CLAIM
+              and e["details"].get("family") == "llama"}
+    assert params["depth"]["verdict"] == claims.SUPPORTED and params["depth"]["n"] == 5
+    assert params["width"]["verdict"] == claims.NOT_SUPPORTED and params["width"]["details"]["linear_fit"]["r2"] > 0.999
+    by = {(e["claim"], e["scope"]): e["verdict"] for e in entries}
+    assert by[("read-energy-84", "source=nvml")] == claims.NO_DATA  # CPU: no energy meter
+    assert by[("lst-memory-69", "source=tracked")] == claims.NO_DATA  # LST not in these studies
+    conv = [e for e in entries if e["claim"] == claims.CONVERGENCE_CLAIM]
+    assert sorted(e["details"]["train_size"] for e in conv) == [32, 64]
+    assert all(e["n"] == 2 and e["details"]["comparator"] == "lora" for e in conv)
+
+
+def test_stored_notebooks_have_no_outputs_and_a_parameters_cell():
+    for path in sorted((ROOT / "analysis").glob("*.ipynb")):
+        book = nbformat.read(path, as_version=4)
+        nbformat.validate(book)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), path.name
+        assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1, path.name
+    assert sorted(p.stem for p in (ROOT / "analysis").glob("*.ipynb")) == sorted(report.NOTEBOOKS)
+
+
+def test_kernel_is_this_interpreter_even_with_a_stale_python3_kernelspec(tmp_path, monkeypatch):
+    decoy = tmp_path / "kernels" / "python3"
+    decoy.mkdir(parents=True)
+    decoy.joinpath("kernel.json").write_text(json.dumps(
+        {"argv": ["/nonexistent/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+         "display_name": "stale", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    assert KernelSpecManager().get_kernel_spec("python3").argv[0] == "/nonexistent/python3"
+    with report.venv_kernel() as name:
+        assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
+    assert os.environ["JUPYTER_PATH"] == str(tmp_path)

@@ -1,0 +1,238 @@
+"""The claim rules on planted results: each claim planted true, then false, and the verdict must flip.
+
+Tables are written with `study.schema` and read back, so they are real schema Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import claims
+from study import schema
+
+WIDTHS = {"llama-s": (256, 4), "llama-m": (512, 6), "llama-l": (1024, 24), "llama-xl": (4096, 32)}
+DEPTHS = (2, 4, 8, 16)
+
+
+def trial(trial_id: str, method: str, backbone: str, **values) -> dict:
+    return {"study": "planted", "trial_id": trial_id, "method": method, "backbone": backbone,
+            "backbone_family": "llama", "task": "synthetic", "status": "ok", **values}
+
+
+def roundtrip(tmp_path: Path, trials: list[dict], epochs: list[dict] | None = None) -> tuple[pd.DataFrame,
+                                                                                             pd.DataFrame]:
+    schema.write_trials(trials, tmp_path / "trials.parquet")
+    schema.write_epochs(epochs or [], tmp_path / "epochs.parquet")
+    return claims.read_trials(tmp_path), claims.read_epochs(tmp_path)
+
+
+def read_count(d: int, h: int = 256) -> int:
+    return 4 * h * d + 3 * h * h + 6 * h + 2 * d
+
+
+# --------------------------------------------------------------------------- parameter scaling
+
+def param_rows(read_grows_with_depth: bool) -> list[dict]:
+    rows = []
+    for L in DEPTHS:
+        read = read_count(576) * (L if read_grows_with_depth else 1)
+        for method, count in (("read", read), ("lora", 2 * 8 * 576 * 2 * L), ("full", 3_000_000 * L)):
+            rows.append(trial(f"estimated:{method}:m@L{L}", method, f"m@L{L}", status="estimated",
+                              backbone_layers=L, backbone_width=576, params_trainable=count,
+                              params_total=count + 30_000_000, params_head=1154))
+    for name, (d, L) in WIDTHS.items():
+        for method, count in (("read", read_count(d)), ("lora", 32 * d * L), ("full", 12 * d * d * L)):
+            rows.append(trial(f"estimated:{method}:{name}", method, name, status="estimated", backbone_layers=L,
+                              backbone_width=d, params_trainable=count, params_total=count * 10))
+    return rows
+
+
+def by_axis(verdicts: list[claims.Verdict], axis: str) -> claims.Verdict:
+    (v,) = [v for v in verdicts if v.details.get("axis") == axis]
+    return v
+
+
+def test_params_flat_along_depth_is_supported_and_width_grows_linearly(tmp_path):
+    trials, _ = roundtrip(tmp_path, param_rows(read_grows_with_depth=False))
+    verdicts = claims.parameter_verdicts(trials)
+    depth, width = by_axis(verdicts, "depth"), by_axis(verdicts, "width")
+    assert depth.verdict == claims.SUPPORTED and abs(depth.statistic) < 1e-9 and depth.n == 4
+    assert depth.details["other_methods_loglog_slope"]["full"] == pytest.approx(1.0)
+    assert width.verdict == claims.NOT_SUPPORTED and 0.5 < width.statistic < 1.0
+    assert width.details["linear_fit"]["per_unit_width"] == pytest.approx(4 * 256 + 2)
+    assert width.details["linear_fit"]["r2"] == pytest.approx(1.0)
+    assert "grows linearly in d" in width.details["summary"]
+
+
+def test_params_growing_along_depth_is_not_supported(tmp_path):
+    trials, _ = roundtrip(tmp_path, param_rows(read_grows_with_depth=True))
+    depth = by_axis(claims.parameter_verdicts(trials), "depth")
+    assert depth.verdict == claims.NOT_SUPPORTED
+    assert depth.statistic == pytest.approx(1.0)
+
+
+def test_tuned_capacity_is_kept_out_of_the_fits(tmp_path):
+    rows = param_rows(read_grows_with_depth=False)
+    # a run pair: READ tuned to another hidden size on the shallowest ladder member
+    rows = [r for r in rows if r["trial_id"] != "estimated:read:m@L2"]
+    rows.append(trial("t1", "read", "m@L2", backbone_layers=2, backbone_width=576,
+                      params_trainable=read_count(576, h=64), params_total=1, **{"hp.m.hidden_size": 64}))
+    trials, _ = roundtrip(tmp_path, rows)
+    counts = claims.parameter_counts(trials)
+    assert counts.set_index(["method", "backbone"]).loc[("read", "m@L2"), "config"] == "tuned"
+    depth = by_axis(claims.parameter_verdicts(trials), "depth")
+    assert depth.verdict == claims.SUPPORTED and depth.n == 3
+
+
+def test_params_without_read_is_no_data(tmp_path):
+    trials, _ = roundtrip(tmp_path, [r for r in param_rows(False) if r["method"] != "read"])
+    (v,) = claims.parameter_verdicts(trials)
+    assert v.verdict == claims.NO_DATA
+
+
+# --------------------------------------------------------------------------- convergence
+
+def curve(reach: int, epochs: int = 6) -> list[float]:
+    """Accuracy rising to its plateau at epoch `reach` (1-based), flat after."""
+    return [0.5 + 0.4 * min(e, reach) / reach for e in range(1, epochs + 1)]
+
+
+def convergence_rows(read_reach: int, lora_reach: int, seeds=(0, 1, 2, 3), sizes=(32, 64)):
+    trials, epochs = [], []
+    for size in sizes:
+        for seed in seeds:
+            for method, reach in (("read", read_reach + seed % 2), ("lora", lora_reach)):
+                tid = f"{method}-{size}-{seed}"
+                metrics = curve(reach)
+                # the trials column is planted wrong on purpose: the analysis recomputes it
+                trials.append(trial(tid, method, "llama-tiny", train_size=size, seed=seed, epochs=6,
+                                    best_metric=max(metrics), epochs_run=6, epochs_to_target=1))
+                epochs += [{"study": "planted", "trial_id": tid, "method": method, "backbone": "llama-tiny",
+                            "epoch": e, "eval_metric": m, "metric_name": "accuracy"}
+                           for e, m in enumerate(metrics, start=1)]
+    return trials, epochs
+
+
+def test_epochs_to_target_is_recomputed_from_epochs(tmp_path):
+    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1))
+    table = claims.convergence_table(trials, epochs).set_index("trial_id")
+    # curve(4) reaches 0.9 at epoch 4; 95% of 0.9 is 0.855, first met at epoch 4 (0.8 at 3)
+    assert table.loc["read-32-0", "epochs_to_target"] == 4
+    assert table.loc["lora-32-0", "epochs_to_target"] == 1
+    assert not table.loc["read-32-0", "reported_agrees"]
+
+
+def test_read_slower_is_supported(tmp_path):
+    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1))
+    verdicts = claims.convergence_verdicts(trials, epochs)
+    assert [v.details["train_size"] for v in verdicts] == [32, 64]
+    for v in verdicts:
+        assert v.verdict == claims.SUPPORTED and v.ci[0] > 0 and v.n == 4
+        assert v.statistic == pytest.approx(3.5)
+        assert v.details["reported_column_mismatches"] > 0
+
+
+def test_read_faster_is_not_supported(tmp_path):
+    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=1, lora_reach=5))
+    verdicts = claims.convergence_verdicts(trials, epochs)
+    assert {v.verdict for v in verdicts} == {claims.NOT_SUPPORTED}
+    assert all(v.ci[1] <= 0 for v in verdicts)
+
+
+def test_one_pair_is_inconclusive(tmp_path):
+    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1, seeds=(0,), sizes=(32,)))
+    (v,) = claims.convergence_verdicts(trials, epochs)
+    assert v.verdict == claims.INCONCLUSIVE and v.ci is None and v.n == 1
+
+
+def test_difference_rule_and_seeded_bootstrap():
+    assert claims.difference_rule(5, (0.1, 2.0)) == claims.SUPPORTED
+    assert claims.difference_rule(5, (-1.0, 0.0)) == claims.NOT_SUPPORTED
+    assert claims.difference_rule(5, (-1.0, 1.0)) == claims.INCONCLUSIVE
+    assert claims.difference_rule(1, (1.0, 1.0)) == claims.INCONCLUSIVE
+    values = [1, 2, 0, 3, 1, 2]
+    assert claims.bootstrap_ci(values, seed=3) == claims.bootstrap_ci(values, seed=3)
+    lo, hi = claims.bootstrap_ci(values)
+    assert lo < sum(values) / len(values) < hi
+    assert claims.bootstrap_ci([1.0]) is None
+
+
+# --------------------------------------------------------------------------- memory and energy
+
+def cost_rows(read_fraction: float) -> list[dict]:
+    rows = []
+    for name, full_bytes in (("llama-s", 1_000_000), ("llama-m", 4_000_000)):
+        for method, fraction in (("full", 1.0), ("read", read_fraction)):
+            rows.append(trial(f"{method}-{name}", method, name, batch_size=16, max_length=32,
+                              peak_memory_bytes=int(full_bytes * fraction), memory_source="tracked",
+                              energy_source="none", best_metric=0.8))
+            rows.append(trial(f"estimated:{method}:{name}-7b", method, f"{name}-7b", status="estimated",
+                              peak_memory_bytes=int(full_bytes * 1000 * fraction), memory_source="estimated"))
+    return rows
+
+
+def memory_verdict(verdicts: list[claims.Verdict], claim: str, source: str) -> claims.Verdict:
+    (v,) = [v for v in verdicts if v.claim == claim and v.scope == f"source={source}"]
+    return v
+
+
+def test_memory_saving_of_60_percent_supports_the_56_percent_claim(tmp_path):
+    trials, _ = roundtrip(tmp_path, cost_rows(read_fraction=0.4))
+    verdicts = claims.cost_verdicts(trials)
+    for source in ("tracked", "estimated"):
+        v = memory_verdict(verdicts, "read-memory-56", source)
+        assert v.verdict == claims.SUPPORTED and v.statistic == pytest.approx(-0.6, abs=1e-6) and v.n == 2
+    assert memory_verdict(verdicts, "read-memory-56", "cuda").verdict == claims.NO_DATA
+    assert {v.verdict for v in verdicts if v.claim in ("read-energy-84", "lst-memory-69")} == {claims.NO_DATA}
+    energy = memory_verdict(verdicts, "read-energy-84", "nvml")
+    assert "energy_source=none" in energy.details["summary"]
+
+
+def test_memory_saving_of_10_percent_does_not_support_it(tmp_path):
+    trials, _ = roundtrip(tmp_path, cost_rows(read_fraction=0.9))
+    v = memory_verdict(claims.cost_verdicts(trials), "read-memory-56", "tracked")
+    assert v.verdict == claims.NOT_SUPPORTED and v.statistic == pytest.approx(-0.1, abs=1e-6)
+
+
+def test_energy_is_compared_per_training_token(tmp_path):
+    rows = []
+    for method, joules, tokens_per_s in (("full", 1000.0, 100.0), ("read", 100.0, 50.0)):
+        rows.append(trial(method, method, "llama-s", batch_size=16, max_length=32, energy_joules=joules,
+                          energy_source="nvml", tokens_per_s=tokens_per_s, train_time_s=10.0))
+    trials, _ = roundtrip(tmp_path, rows)
+    v = memory_verdict(claims.cost_verdicts(trials), "read-energy-84", "nvml")
+    # full: 1 J/token; read: 100 J / 500 tokens = 0.2 J/token → −80%, within 10 points of −84%
+    assert v.statistic == pytest.approx(-0.8) and v.verdict == claims.SUPPORTED
+
+
+# --------------------------------------------------------------------------- quality per cost, verdicts.json
+
+def test_pareto_front_and_best_trial_per_method(tmp_path):
+    rows = [trial("a", "full", "b", best_metric=0.90, peak_memory_bytes=100, params_trainable=1000),
+            trial("b", "read", "b", best_metric=0.85, peak_memory_bytes=40, params_trainable=10),
+            trial("c", "lora", "b", best_metric=0.80, peak_memory_bytes=60, params_trainable=20),
+            trial("d", "lora", "b", best_metric=0.70, peak_memory_bytes=50, params_trainable=20),
+            trial("e", "lst", "b", status="oom")]
+    trials, _ = roundtrip(tmp_path, rows)
+    q = claims.quality_per_cost(trials).set_index("method")
+    assert list(q.index) == ["full", "lora", "read"]
+    assert q.loc["lora", "trial_id"] == "c" and q.loc["lora", "trials"] == 2
+    assert q["front_memory"].to_dict() == {"full": True, "lora": False, "read": True}
+    assert q["front_params"].to_dict() == {"full": True, "lora": False, "read": True}
+
+
+def test_verdicts_json_is_well_formed_and_merged_per_claim(tmp_path):
+    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1))
+    claims.write_verdicts(claims.convergence_verdicts(trials, epochs), tmp_path)
+    claims.write_verdicts(claims.cost_verdicts(trials), tmp_path)
+    claims.write_verdicts(claims.convergence_verdicts(trials, epochs), tmp_path)  # again: replaces, no duplicates
+    entries = json.loads((tmp_path / "verdicts.json").read_text())
+    assert all(claims.verdict_problems(e) == [] for e in entries)
+    by_claim = pd.Series([e["claim"] for e in entries]).value_counts().to_dict()
+    assert by_claim[claims.CONVERGENCE_CLAIM] == 2
+    assert by_claim["read-memory-56"] == 3
+    assert claims.verdict_problems({"claim": "x"}) != []
