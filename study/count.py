@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from typing import Any, NoReturn
 
+import torch
+
 from trainables import backbones
 from trainables.methods import REGISTRY, apply_method, get_method
 from trainables.methods.base import config_to_dict
@@ -77,6 +79,12 @@ def _print_one(r: dict[str, Any]) -> None:
     print(f"  backbone tensors with grad: {r['grad_tensors']}")
     for kind, n in r["grad_tensor_kinds"].items():
         print(f"    {n:>5} × {kind}")
+    if "peak_memory_bytes" in r:
+        print(f"  peak training memory, {r['memory_source']} (one AdamW step, batch {r['memory_batch_size']} × "
+              f"{r['memory_seq_len']} tokens, {r['memory_dtype']}):")
+        for key in ("peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
+                    "memory_activations_bytes"):
+            print(f"    {key.removeprefix('memory_').removesuffix('_bytes'):<17} {r[key] / 2**30:>10.2f} GiB")
 
 
 def _table(max_model: str | None, methods: list[str], overrides: dict[str, Any], as_json: bool) -> None:
@@ -118,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--all", action="store_true", help="table of every method (or --method) × backbone")
     parser.add_argument("--max-model", help="with --all: stop after this backbone (backbones ordered by size)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also estimate peak training memory of one step (fake tensors, no weights)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -134,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.backbone and args.method):
             raise ValueError("give --backbone and --method, or --all")
         result = count(args.backbone, args.method, overrides)
+        if args.memory:
+            if min(args.batch_size, args.seq_len) < 1:
+                raise ValueError("--batch-size and --seq-len must be >= 1")
+            from trainables.memory import estimate_step  # fake-tensor machinery: only when asked
+
+            report = estimate_step(args.backbone, args.method, overrides, batch_size=args.batch_size,
+                                   seq_len=args.seq_len, dtype=DTYPES[args.dtype])
+            result |= report.as_dict() | {"memory_batch_size": args.batch_size, "memory_seq_len": args.seq_len,
+                                          "memory_dtype": args.dtype}
     except ValueError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -142,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_one(result)
     return 0
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _split(kv: str) -> tuple[str, str]:

@@ -41,6 +41,14 @@ def test_json_output_has_the_documented_keys():
     assert out["method"] == "bitfit" and out["params_trainable"] > 0
 
 
+def test_memory_estimate_in_json_has_a_key_per_category(capsys):
+    assert main(["--backbone", "llama-tiny", "--method", "read", "--memory", "--batch-size", "2", "--seq-len", "16",
+                 "--dtype", "fp32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cats = [out[f"memory_{c}_bytes"] for c in ("params", "grads", "optimizer", "activations")]
+    assert out["memory_source"] == "estimated" and out["peak_memory_bytes"] == sum(cats) > 0
+
+
 def test_all_lists_every_method_up_to_max_model():
     proc = run_cli("--all", "--max-model", "llama-7b")
     assert proc.returncode == 0, proc.stderr

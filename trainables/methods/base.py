@@ -259,7 +259,8 @@ class SideModel(TaskModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Output:
-        taps = collect_taps(self.backbone, self.spec, input_ids, attention_mask, self.tap_layers())
+        positions = pooled_positions(attention_mask, self.pooling) if self.token_local else None
+        taps = collect_taps(self.backbone, self.spec, input_ids, attention_mask, self.tap_layers(), positions)
         return self.forward_taps(taps, labels)
 
     @abc.abstractmethod
@@ -276,21 +277,26 @@ class _StopForward(Exception):
 
 
 def collect_taps(backbone: nn.Module, spec: BackboneSpec, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, layers: Sequence[int]) -> Taps:
+                 attention_mask: torch.Tensor, layers: Sequence[int],
+                 positions: torch.Tensor | None = None) -> Taps:
     """Run the frozen backbone once under no_grad and keep φ_i for i in `layers`.
 
     Forward hooks on the embeddings and blocks (not `output_hidden_states`, whose last
     entry is after the final norm). The forward stops after the deepest tap needed.
+    With `positions` (one index per example), only those tokens are kept (B×1×d, mask of
+    ones): what a token-local method needs when the loss reads one position.
     """
     anatomy = spec.anatomy
     wanted = sorted(set(layers))
     hidden: dict[int, torch.Tensor] = {}
     deepest = wanted[-1]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
 
     def keep(i: int) -> Callable:
         def hook(_module: nn.Module, _args: Any, out: Any) -> None:
             if i in wanted:
-                hidden[i] = out[0] if isinstance(out, tuple) else out
+                h = out[0] if isinstance(out, tuple) else out
+                hidden[i] = h if positions is None else h[rows, positions].unsqueeze(1)
             if i == deepest:
                 raise _StopForward
 
@@ -306,4 +312,6 @@ def collect_taps(backbone: nn.Module, spec: BackboneSpec, input_ids: torch.Tenso
     finally:
         for h in handles:
             h.remove()
+    if positions is not None:
+        attention_mask = torch.ones(input_ids.shape[0], 1, dtype=attention_mask.dtype, device=attention_mask.device)
     return Taps(hidden, attention_mask)
