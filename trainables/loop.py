@@ -338,6 +338,9 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
 
         backbone = build(spec, device=device, weights=weights, dtype=dtype)
         model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels)
+        if get_method(cfg.method).init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
+            get_method(cfg.method).init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
+                task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
         for _, p in model.trainable_named_parameters():
             p.data = p.data.float()  # fp32 master weights, whatever the backbone's dtype
         summary |= model.param_counts()

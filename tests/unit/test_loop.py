@@ -299,3 +299,10 @@ def test_cli_json_summary_is_the_last_stdout_line(capsys, tmp_path):
     assert list(summary) == list(SUMMARY_KEYS) and summary["status"] == "ok"
     assert all(not isinstance(v, float) or math.isfinite(v) for v in summary.values())
     assert "epoch 1/1" in captured.err
+
+
+def test_lst_fisher_init_runs_on_training_batches(tmp_path):
+    """LST's Fisher-pruned init needs task data: the loop feeds it training examples after apply."""
+    cfg = config("lst", method_config={"r": 4, "importance": "fisher", "fisher_examples": 8}, epochs=1)
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "ok", summary["error"]

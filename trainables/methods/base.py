@@ -13,7 +13,7 @@ import abc
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,6 +89,8 @@ class MethodInfo:
     config_cls: type
     apply: Callable[..., TaskModel]
     note: str = ""
+    #: optional data-dependent init, run by the loop after `apply` on batches of the training split
+    init_with_data: Callable[[TaskModel, Iterable[dict]], None] | None = None
 
     def parse(self, values: dict[str, Any] | None = None) -> Any:
         return config_from_dict(self.config_cls, values)

@@ -290,6 +290,11 @@ def _fisher_sums(model: LstModel, batches: Iterable[Any]) -> dict[str, tuple[tor
     return sums
 
 
+def _fisher_init(model: LstModel, batches: Iterable[Any]) -> None:
+    if model.cfg.init == "prune" and model.cfg.importance == "fisher":
+        prune_init(model, batches)
+
+
 def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> LstModel:
     model = LstModel(backbone, spec, cfg, n_labels, pooling)
     if cfg.init == "prune" and cfg.importance == "l1":
@@ -299,6 +304,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="lst", family="side", paper="Sung, Cho, Bansal 2022, LST, arXiv 2206.06522", identity_at_init=False,
-    cacheable=True, config_cls=Config, apply=apply,
-    note="importance='fisher' needs lst.prune_init(model, batches) after apply",
+    cacheable=True, config_cls=Config, apply=apply, init_with_data=_fisher_init,
+    note="importance='fisher' prunes by Fisher scores over training examples (the loop runs it after apply)",
 ))
