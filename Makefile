@@ -22,8 +22,10 @@ install: $(STAMP)
 assets: $(STAMP)
 	$(PY) -m study.assets fetch
 
+# Re-running continues (or re-collects) the same study instead of refusing to overwrite it.
 study: assets
-	$(PY) -m study.scaling
+	$(PY) -m study.scaling $$(test -d results/scaling/tune && echo --resume)
+	$(PY) -m analysis.report --scaling results/scaling
 
 test: assets
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -118,7 +118,7 @@ def summary_table(trials: list[dict]) -> str:
         cur = best.get(key)
         if cur is None or (score is not None and (cur.get("best_metric") is None or score > cur["best_metric"])):
             best[key] = r
-    head = f"{'method':<8} {'backbone':<18} {'best':>7} {'trainable':>10} {'peak mem':>16} {'energy':>12} " \
+    head = f"{'method':<8} {'backbone':<22} {'best':>7} {'trainable':>10} {'peak mem':>16} {'energy':>12} " \
            f"{'time':>7}  trials"
     lines = [head, "-" * len(head)]
     for (method, backbone), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -127,6 +127,8 @@ def summary_table(trials: list[dict]) -> str:
         energy = "-" if r.get("energy_joules") is None else f"{r['energy_joules']:.0f}J {r.get('energy_source')}"
         time_s = "-" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}s"
         status = ",".join(f"{n} {s}" for s, n in sorted(counts[(method, backbone)].items()))
-        lines.append(f"{method:<8} {backbone:<18} {metric:>7} {_fmt_count(r.get('params_trainable')):>10} "
+        if r.get("weights") == "random":
+            backbone = f"{backbone} (rnd)"  # random weights: a cost run, its metric means nothing
+        lines.append(f"{method:<8} {backbone:<22} {metric:>7} {_fmt_count(r.get('params_trainable')):>10} "
                      f"{mem:>16} {energy:>12} {time_s:>7}  {status}")
     return "\n".join(lines)
