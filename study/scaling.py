@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = runner.study_dir(args.storage, name, args.resume)
 
     t0 = time.time()
-    all_backbones = list(dict.fromkeys(run_backbones + ladder(args.max_model)))
+    planned = [args.max_model] if args.quick else ladder(args.max_model)  # quick: one anchor, not the ladder
+    all_backbones = list(dict.fromkeys(run_backbones + planned))
     runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones: meta-device counts"
                + ("" if args.no_memory_estimates else " and fake-tensor memory estimates (Ray tasks)"))
     launch.init_ray(args.address)
