@@ -366,9 +366,12 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n
     return float(lo), float(hi)
 
 
+MIN_PAIRS = 3  # a bootstrap over two pairs can only ever return their two values: no evidence
+
+
 def difference_rule(n: int, ci: tuple[float, float] | None) -> str:
-    """CI of the mean difference entirely > 0 → supported, entirely <= 0 → not supported; n < 2 → inconclusive."""
-    if n < 2 or ci is None:
+    """CI of the mean difference entirely > 0 → supported, entirely <= 0 → not supported; n < 3 → inconclusive."""
+    if n < MIN_PAIRS or ci is None:
         return INCONCLUSIVE
     if ci[0] > 0:
         return SUPPORTED
@@ -384,7 +387,7 @@ def convergence_verdicts(trials: pd.DataFrame, epochs: pd.DataFrame, method: str
     Comparators default to LoRA, adapter and full FT, then any other method in the table.
     """
     rule = ("bootstrap 95% CI of mean(READ − other epochs-to-target) entirely > 0 → supported; "
-            "entirely <= 0 → not supported; otherwise, or fewer than 2 pairs → inconclusive")
+            f"entirely <= 0 → not supported; otherwise, or fewer than {MIN_PAIRS} pairs → inconclusive")
     table = convergence_table(trials, epochs)
     present = list(dict.fromkeys(table["method"]))
     if method not in present:

@@ -20,8 +20,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.convergence", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--sizes", nargs="+", type=int, default=[64, 256, 1024], help="training-set sizes")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--sizes", nargs="+", type=int, default=[64, 256, 512], help="training-set sizes")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="3+ seeds: the analysis needs 3 pairs")
     p.add_argument("--epochs", type=int, default=6, help="fixed epoch budget (no early stopping)")
     p.add_argument("--max-eval-examples", type=int, default=400)
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke study")
