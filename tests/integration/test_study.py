@@ -80,7 +80,9 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tmp_path):
     for f in schema.TRIAL_FIELDS:
         assert trials.schema.field(f.name).type == f.type, f.name
     assert epochs.schema.names == schema.EPOCH_COLUMNS
-    df = trials.to_pandas()
+    everything = trials.to_pandas()
+    planned, df = everything[everything.status == "estimated"], everything[everything.status != "estimated"]
+    assert len(planned) == 2 * 2 and planned.params_trainable.gt(0).all()  # the plan: one row per pair
     assert len(df) == 2 * 2 * 2
     assert set(df.status) == {"ok"}, df[["method", "backbone", "status", "error"]]
     assert df.groupby(["method", "backbone"]).size().eq(2).all()
@@ -117,7 +119,7 @@ def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
 
     out = run_cli("study.scaling", *args, "--resume")
     assert out.returncode == 0, out.stderr[-4000:]
-    df = pd.read_parquet(tmp_path / "resume" / "trials.parquet")
+    df = pd.read_parquet(tmp_path / "resume" / "trials.parquet").query("status != 'estimated'")
     assert len(df) == 2 * 3 and df.trial_id.is_unique
     assert set(df.status) == {"ok"}, df[["trial_id", "status", "error"]]
     ep = pd.read_parquet(tmp_path / "resume" / "epochs.parquet")
