@@ -1,5 +1,7 @@
 """Benchmarks of the framework's own measurements: `python -m study.bench <subcommand>`.
 
+`cache`: a side-method sweep with and without the activation cache (study.bench_cache).
+
 `memory`: peak training-step memory of every registered method, by category, as a
 ratio to full fine-tuning, next to the papers' figures:
 1. a large model (default llama-7b, bf16, batch 8 × 512), estimated on fake tensors;
@@ -213,8 +215,37 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------- cache
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="a side-method sweep with and without the activation cache")
+    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--task", default="vader-movies")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["read", "lst"])
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-eval-examples", type=int, default=500)
+    p.add_argument("--cache-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--side-only", type=lambda s: [m for m in s.split(",") if m], default=["read"],
+                   help="methods whose sweep is also run on caches preloaded in memory (the floor)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="one uncached LoRA trial")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from study import bench_cache  # local: loads the training loop
+
+    return bench_cache.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "memory": (_add_memory, cmd_memory),
+    "cache": (_add_cache, cmd_cache),
 }
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from study import collect, launch
+from study import collect, launch, prepare
 from trainables import backbones
 from trainables.methods import REGISTRY, get_method
 from trainables.tasks import TASK_NAMES
@@ -104,6 +104,7 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
         return trials, epochs
     log(f"running {n} trials in {len(groups)} groups on Ray Tune (experiment {folder}/{launch.EXPERIMENT})")
     launch.init_ray(address)
+    groups = prepare.with_caches(groups, folder, log)  # side methods: taps computed once, before any trial
     grid = None
     interrupted = False
     try:

@@ -63,6 +63,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("tokens_per_s", pa.float64()),
     pa.field("train_time_s", pa.float64()),
     pa.field("cache_hit", pa.bool_()),
+    pa.field("cache_reason", pa.string()),  # how the cache was found or built, or why the backbone ran live
     pa.field("device", pa.string()),
     pa.field("dtype", pa.string()),
     pa.field("torch_version", pa.string()),

@@ -43,13 +43,14 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from torch import nn
 
-from trainables import tasks
-from trainables.backbones import build, get_spec, load_tokenizer
+from trainables import cache, tasks, zero
+from trainables.backbones import BackboneSpec, build, get_spec, load_tokenizer
 from trainables.energy import EnergyMeter, flops_per_step
 from trainables.memory import measure_step
 from trainables.methods import apply_method, get_method
-from trainables.methods.base import TaskModel, config_from_dict
+from trainables.methods.base import Output, Taps, TaskModel, config_from_dict
 
 # Reference learning rates (METHODS.md, from the LST repo); search spaces centre on these.
 REFERENCE_LR: dict[str, float] = {
@@ -72,7 +73,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
     "memory_activations_bytes", "memory_source",
     "energy_joules", "energy_source", "flops_per_step", "tokens_per_s", "train_time_s", "cache_hit",
-    "device", "torch_version", "transformers_version",
+    "cache_reason", "device", "torch_version", "transformers_version",
 )
 MEMORY_KEYS: tuple[str, ...] = (
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
@@ -119,6 +120,15 @@ class RunConfig:
     measure_memory: bool = True
     max_train_batches: int | None = None  # cap per epoch, for quick runs
     max_eval_examples: int | None = None  # a fixed random subset of the validation split
+    # side methods read the frozen backbone's taps from the activation cache (trainables.cache)
+    cache: bool = True
+    cache_dir: str | None = None  # default: <asset cache dir>/activations; a study passes its own
+    cache_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # storage; training stays in the run's dtype
+    cache_budget_bytes: int = 32 * 2**30  # a cache that would need more is not built: the backbone runs live
+    # side methods: the frozen backbone under DeepSpeed ZeRO-3 (trainables.zero); auto = when it does not fit
+    zero: Literal["auto", "off", "on"] = "auto"
+    zero_offload: Literal["cpu", "nvme", "none"] = "cpu"
+    zero_nvme_path: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_config, dict):
@@ -134,6 +144,8 @@ class RunConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if not 0.0 < self.target_fraction <= 1.0:
             raise ValueError(f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        if self.cache_budget_bytes < 0:
+            raise ValueError(f"cache_budget_bytes must be >= 0, got {self.cache_budget_bytes}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> RunConfig:
@@ -159,6 +171,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"{spec.name} has no offline pretrained weights; use weights=random or auto")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda, but no CUDA device is visible")
+    if cfg.zero == "on" and get_method(cfg.method).family == "graft":
+        raise ValueError(f"zero=on is for side methods' frozen backbones; {cfg.method} trains inside the backbone")
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -290,9 +304,44 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{platform.machine()}"
 
 
+def real_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a batch, live or cached (a pooled cache keeps the lengths)."""
+    return int(batch["lengths"].sum() if "lengths" in batch else batch["attention_mask"].sum())
+
+
 def no_nan(summary: dict[str, Any]) -> dict[str, Any]:
     """Nulls, never NaN (DESIGN.md): a non-finite float becomes None."""
     return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
+
+
+def resolve(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
+    """The trial's device, compute dtype and weights (auto: pretrained when available offline)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    spec = get_spec(cfg.backbone)
+    weights = ("pretrained" if spec.local else "random") if cfg.weights == "auto" else cfg.weights
+    return device, dtype, weights
+
+
+def load_data(cfg: RunConfig, spec: BackboneSpec) -> tuple[tasks.TaskData, datasets.Dataset]:
+    """The tokenised task (training subsample drawn by seed) and the validation examples evaluated."""
+    tokenizer = None if cfg.task == "synthetic" else load_tokenizer(spec)
+    task = tasks.load_task(cfg.task, tokenizer, max_length=cfg.max_length, train_size=cfg.train_size,
+                           seed=cfg.seed, text_col=cfg.text_col, label_col=cfg.label_col,
+                           vocab_size=spec.config["vocab_size"])
+    return task, eval_subset(task.validation, cfg.max_eval_examples)
+
+
+def frozen_backbone(cfg: RunConfig, spec: BackboneSpec, device: torch.device, dtype: torch.dtype,
+                    weights: str) -> tuple[nn.Module, zero.ZeroBackbone | None]:
+    """The backbone, partitioned under ZeRO-3 for a side method when asked or when it does not fit."""
+    side = get_method(cfg.method).family != "graft"
+    if side and (cfg.zero == "on" or (cfg.zero == "auto" and zero.needed(spec, dtype, device))):
+        partitioned = zero.build_partitioned(spec, weights=weights, dtype=dtype,
+                                             ds_config=zero.config(cfg.zero_offload, dtype, cfg.zero_nvme_path))
+        return partitioned.module, partitioned
+    return build(spec, device=device, weights=weights, dtype=dtype), None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -313,38 +362,56 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                 "torch_version": torch.__version__, "transformers_version": transformers.__version__}
     history: list[dict[str, Any]] = []  # one record per finished epoch (what epochs.jsonl holds)
     totals = {"tokens_seen": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "energy_joules": 0.0}
-    reported, live = False, False
+    reported, live, partitioned = False, False, None
     try:
         # ---- setup: everything below is seeded, so a resumed run rebuilds the same frozen backbone
         seed_everything(cfg.seed)
         validate(cfg)
-        auto_device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto_device if cfg.device == "auto" else cfg.device)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
-            cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        spec = get_spec(cfg.backbone)
+        device, dtype, weights = resolve(cfg)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
-        summary["device"] = device_name(device)
-        spec = get_spec(cfg.backbone)
-        summary["backbone_family"] = spec.family
-        weights = ("pretrained" if spec.local else "random") if cfg.weights == "auto" else cfg.weights
-
-        tokenizer = None if cfg.task == "synthetic" else load_tokenizer(spec)
-        task = tasks.load_task(cfg.task, tokenizer, max_length=cfg.max_length, train_size=cfg.train_size,
-                               seed=cfg.seed, text_col=cfg.text_col, label_col=cfg.label_col,
-                               vocab_size=spec.config["vocab_size"])
-        validation = eval_subset(task.validation, cfg.max_eval_examples)
+        summary |= {"device": device_name(device), "backbone_family": spec.family}
+        task, validation = load_data(cfg, spec)
         summary |= {"train_size": len(task.train), "metric_name": task.metric_name}
 
-        backbone = build(spec, device=device, weights=weights, dtype=dtype)
-        model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels)
-        if get_method(cfg.method).init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
-            get_method(cfg.method).init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
+        info = get_method(cfg.method)
+        side = info.family != "graft"  # frozen backbone read, never trained
+        backbone, partitioned = frozen_backbone(cfg, spec, device, dtype, weights)
+        with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
+            model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels)
+        if info.init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
+            info.init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
                 task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
         for _, p in model.trainable_named_parameters():
             p.data = p.data.float()  # fp32 master weights, whatever the backbone's dtype
-        summary |= model.param_counts()
-        side = get_method(cfg.method).family != "graft"  # frozen backbone read, never trained
+        summary |= zero.param_counts(model) if partitioned else model.param_counts()
+
+        # ---- where batches come from: the activation cache (taps computed once), else the live backbone
+        readers, summary["cache_reason"] = None, (f"not cacheable: {cfg.method} trains inside the backbone"
+                                                  if not info.cacheable else "off: cache=false")
+        if cfg.cache and info.cacheable:
+            readers, summary["cache_reason"] = cache.for_trial(
+                model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights,
+                pad_token_id=task.pad_token_id)
+        summary["cache_hit"] = readers is not None
+
+        def train_batches(epoch: int) -> Iterator[dict[str, Any]]:
+            seed = epoch_seed(cfg.seed, epoch)
+            if readers:
+                return readers["train"].batches(cfg.batch_size, shuffle=True, seed=seed)
+            return tasks.batches(task.train, cfg.batch_size, pad_token_id=task.pad_token_id, shuffle=True, seed=seed)
+
+        def eval_batches() -> Iterator[dict[str, Any]]:
+            if readers:
+                return readers["validation"].batches(cfg.eval_batch_size)
+            return tasks.batches(validation, cfg.eval_batch_size, pad_token_id=task.pad_token_id)
+
+        def forward(batch: dict[str, Any], with_labels: bool = True) -> Output:
+            labels = batch["labels"] if with_labels else None
+            if "taps" in batch:
+                return model.forward_taps(batch["taps"], labels)
+            return model(batch["input_ids"], batch["attention_mask"], labels)
 
         params = [p for _, p in model.trainable_named_parameters()]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -362,8 +429,9 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-        def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(device) if isinstance(v, Taps) else v.to(device, non_blocking=True)
+                    for k, v in batch.items()}
 
         # ---- resume, or measure once on the first batch (memory, FLOPs) without touching the model
         start_epoch, measured = 0, {}
@@ -379,13 +447,14 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             start_epoch, history, totals = ckpt["epoch"], ckpt["history"], ckpt["totals"]
             measured = ckpt["measured"]
         else:
-            first = to_device(next(tasks.batches(task.train, cfg.batch_size, pad_token_id=task.pad_token_id,
-                                                 shuffle=True, seed=epoch_seed(cfg.seed, 0))))
+            first = to_device(next(train_batches(0)))
+            # on the cache, a step is the side network on taps: no backbone activations to measure
+            stepped, inputs = (cache.OnTaps(model, first["taps"]), cache.tensors_of(first)) if readers else (model, first)
             model.train()
             with untouched(model), autocast:
-                measured["flops_per_step"] = int(flops_per_step(model, first))
+                measured["flops_per_step"] = int(flops_per_step(stepped, inputs))
                 if cfg.measure_memory:
-                    measured |= measure_step(model, first, lr=cfg.learning_rate).as_dict()
+                    measured |= measure_step(stepped, inputs, lr=cfg.learning_rate).as_dict()
         summary |= {k: measured.get(k) for k in ("flops_per_step", *MEMORY_KEYS)}
         energy = EnergyMeter(device)
         summary["energy_source"] = energy.source
@@ -405,13 +474,11 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                 model.backbone.eval()  # no dropout in a frozen backbone that is only read
             epoch_start = time.perf_counter()
             loss_sum, n_steps, shown = 0.0, 0, 0.0
-            order = tasks.batches(task.train, cfg.batch_size, pad_token_id=task.pad_token_id,
-                                  shuffle=True, seed=epoch_seed(cfg.seed, epoch))
             with energy.phase("train"):
-                for step, batch in enumerate(itertools.islice(order, steps_per_epoch)):
+                for step, batch in enumerate(itertools.islice(train_batches(epoch), steps_per_epoch)):
                     batch = to_device(batch)
                     with autocast:
-                        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+                        loss = forward(batch).loss
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise Diverged(f"non-finite training loss ({loss_value}) "
@@ -425,7 +492,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum, n_steps = loss_sum + loss_value, n_steps + 1
-                    totals["tokens_seen"] += int(batch["attention_mask"].sum())  # real tokens, not padding
+                    totals["tokens_seen"] += real_tokens(batch)
                     if live and time.perf_counter() - shown > 0.5:  # a running step counter, terminals only
                         shown = time.perf_counter()
                         print(f"\repoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
@@ -438,9 +505,9 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             model.eval()
             preds, labels = [], []
             with energy.phase("eval"), torch.no_grad(), autocast:
-                for batch in tasks.batches(validation, cfg.eval_batch_size, pad_token_id=task.pad_token_id):
+                for batch in eval_batches():
                     batch = to_device(batch)
-                    preds.append(model(batch["input_ids"], batch["attention_mask"]).logits.float().cpu())
+                    preds.append(forward(batch, with_labels=False).logits.float().cpu())
                     labels.append(batch["labels"].cpu())
             value = tasks.metric(task.metric_name, torch.cat(preds), torch.cat(labels))
             if not math.isfinite(value):
@@ -485,6 +552,9 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         write_json_atomic(out_dir / "summary.json", summary)
         report(dict(summary), None)
         return summary
+    finally:
+        if partitioned is not None:
+            partitioned.close()  # release the ZeRO engine's hooks and partitions
     summary = no_nan(summary)
     write_json_atomic(out_dir / "summary.json", summary)
     return summary

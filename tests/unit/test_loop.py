@@ -207,7 +207,7 @@ def test_failures_are_outcomes_written_and_reported_once(monkeypatch, tmp_path, 
         armed["on"] = True  # fail from epoch 2 on
 
     rec = Recorder()
-    summary = train(config(), tmp_path, report)
+    summary = train(config(cache=False), tmp_path, report)  # the live path: forward is what fails
     assert summary["status"] == status and needle in summary["error"] and "\n" not in summary["error"]
     assert summary["epochs_run"] == 1 and summary["final_metric"] is not None  # epoch 1 finished
     assert json.loads((tmp_path / "summary.json").read_text()) == summary

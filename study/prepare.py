@@ -1,0 +1,207 @@
+"""Build the activation caches a study's side-method trials read, once, before any trial starts.
+
+For each group whose method is cacheable, the cache keys are computed exactly as its
+trials will compute them (`trainables.loop` helpers: same task subsample, validation
+subset, device, dtype, weights; `trainables.cache.trial_keys`). Groups on the same
+backbone and task share caches: a group needing taps up to φ_{L-1} (SHERL) is served by
+one holding φ_0..φ_L (LST), so such requests are merged. Every missing cache is built as
+Ray tasks, one per shard, writing into a staging folder that `cache.ensure` commits under
+the cache's lock; trials then only read (`cache_dir` in their run config).
+
+A backbone under ZeRO-3 (`zero: on`, or auto when it does not fit a device) is built
+partitioned; with `ranks > 1` the shards are spread over that many Ray actors forming
+one torch.distributed group, kept in lockstep (`cache.write_shards(per_rank=...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import ray
+import torch
+
+from study import launch
+from study.launch import Group
+from trainables import cache, loop, zero
+from trainables.backbones import build, get_spec
+from trainables.methods import apply_method, get_method
+
+
+@dataclass
+class Need:
+    """One cache to build, with what a builder needs to recompute the trial's backbone."""
+
+    key: cache.CacheKey
+    run: dict[str, Any]  # the group's RunConfig dict: the builder rebuilds the backbone from it
+    split: datasets.Dataset
+    pad_token_id: int
+    zero: bool
+
+
+def cache_root(study_folder: str) -> Path | None:
+    """`<storage>/.activations` beside the study folders (shared by studies), None for cloud storage."""
+    if not launch.storage_is_local(study_folder):
+        return None  # trials fall back to their node's default cache folder
+    return launch.local_path(study_folder).parent / ".activations"
+
+
+def needs_of(group: Group) -> list[Need]:
+    """The caches one group's trials will ask for (none for graft methods or cache=false)."""
+    cfg = loop.RunConfig.from_dict(group.run)
+    info = get_method(cfg.method)
+    if not (cfg.cache and info.cacheable):
+        return []
+    spec = get_spec(cfg.backbone)
+    device, dtype, weights = loop.resolve(cfg)
+    if group.resources.get("gpu"):
+        device, dtype = torch.device("cuda"), {"fp32": torch.float32}.get(cfg.dtype, torch.bfloat16)
+    task, validation = loop.load_data(cfg, spec)
+    loop.seed_everything(cfg.seed)
+    # random weights are named by their values: draw them as the trial will; pretrained ones need no weights
+    backbone = build(spec, "cpu" if weights == "random" else "meta", dtype=dtype)
+    model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels)
+    keys = cache.trial_keys(model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights)
+    zero_on = cfg.zero == "on" or (cfg.zero == "auto" and device.type == "cuda" and torch.cuda.is_available()
+                                   and zero.needed(spec, dtype, device))
+    return [Need(keys[n], dict(group.run), split, task.pad_token_id, zero_on)
+            for n, split in (("train", task.train), ("validation", validation))]
+
+
+def merged(needs: Sequence[Need]) -> list[Need]:
+    """One build per cache: identical requests once; different tap sets on the same data become one all-taps cache."""
+    by_data: dict[str, list[Need]] = {}
+    for need in needs:
+        full = cache.candidates(need.key, get_spec(need.key.backbone).n_layers)[-1]
+        by_data.setdefault(full.fingerprint(), []).append(need)
+    out = []
+    for same in by_data.values():
+        if len({n.key.fingerprint() for n in same}) == 1:
+            out.append(same[0])
+        else:
+            full = cache.candidates(same[0].key, get_spec(same[0].key.backbone).n_layers)[-1]
+            out.append(dataclasses.replace(same[0], key=full))
+    return out
+
+
+# --------------------------------------------------------------------------- the builders
+
+def _backbone(need: Need) -> tuple[torch.nn.Module, Any]:
+    """The trial's frozen backbone, drawn the same way (seeded first, for random weights)."""
+    cfg = loop.RunConfig.from_dict(need.run)
+    spec = get_spec(cfg.backbone)
+    loop.seed_everything(cfg.seed)
+    device, dtype, weights = loop.resolve(cfg)
+    return loop.frozen_backbone(dataclasses.replace(cfg, zero="on" if need.zero else "off"), spec, device, dtype,
+                                weights)
+
+
+def _write(need: Need, staging: str, shards: list[tuple[int, range]], per_rank: list[int] | None,
+           threads: int) -> list[dict[str, Any]]:
+    """Build the backbone and write some shards (runs in a Ray task or a rank actor)."""
+    torch.set_num_threads(threads)
+    backbone, partitioned = _backbone(need)
+    spec = get_spec(need.key.backbone)
+    if not partitioned and need.key.weights.startswith("random:"):
+        got = cache.weights_revision(spec, "random", need.key.seed, backbone)
+        if got != need.key.weights:
+            raise RuntimeError(f"builder drew other random weights than the trial ({got} != {need.key.weights})")
+    cfg = loop.RunConfig.from_dict(need.run)
+    try:
+        return cache.write_shards(backbone, spec, need.split, need.key, Path(staging), shards,
+                                  pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size, per_rank=per_rank)
+    finally:
+        if partitioned is not None:
+            partitioned.close()
+
+
+def task_writer(need: Need, cpus: int = 1) -> cache.ShardWriter:
+    """One Ray task per shard."""
+    remote = ray.remote(num_cpus=cpus)(_write)
+
+    def write(staging: Path, ranges: list[range]) -> list[dict[str, Any]]:
+        refs = [remote.remote(need, str(staging), [(s, r)], None, cpus) for s, r in enumerate(ranges)]
+        return [record for records in ray.get(refs) for record in records]
+
+    return write
+
+
+@ray.remote
+class Rank:
+    """One rank of a torch.distributed group (ZeRO-3 across several devices)."""
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), zero.free_port()
+
+    def join(self, rank: int, world: int, master: tuple[str, int]) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master[0],
+                          MASTER_PORT=str(master[1]))
+
+    def write(self, need: Need, staging: str, shards: list[tuple[int, range]], per_rank: list[int],
+              threads: int) -> list[dict[str, Any]]:
+        return _write(need, staging, shards, per_rank, threads)
+
+
+def start_ranks(ranks: int, cpus: int = 1, gpus: float = 0) -> list[Any]:
+    """`ranks` actors joined into one torch.distributed group (rank 0's node is the master)."""
+    actors = [Rank.options(num_cpus=cpus, num_gpus=gpus).remote() for _ in range(ranks)]
+    master = ray.get(actors[0].address.remote())
+    ray.get([a.join.remote(r, ranks, master) for r, a in enumerate(actors)])
+    return actors
+
+
+def rank_writer(need: Need, actors: Sequence[Any], cpus: int = 1) -> cache.ShardWriter:
+    """Shards spread round-robin over the rank actors, each holding its partition of the backbone."""
+
+    def write(staging: Path, ranges: list[range]) -> list[dict[str, Any]]:
+        n = len(actors)
+        mine = [[(s, r) for s, r in enumerate(ranges) if s % n == k] for k in range(n)]
+        batch_size = loop.RunConfig.from_dict(need.run).eval_batch_size
+        per_rank = [cache.n_batches([r for _, r in m], batch_size) for m in mine]
+        out = ray.get([a.write.remote(need, str(staging), m, per_rank, cpus) for a, m in zip(actors, mine, strict=True)])
+        records = {rec["file"]: rec for recs in out for rec in recs}
+        return [records[cache.shard_name(s)] for s in range(len(ranges))]
+
+    return write
+
+
+def build_all(needs: Sequence[Need], root: Path, *, ranks: int = 1, shard_bytes: int = cache.SHARD_BYTES,
+              progress: Callable[[str], None] = lambda s: None) -> dict[str, str]:
+    """Ensure every needed cache under `root`; returns {fingerprint: what happened}.
+
+    ZeRO backbones with `ranks > 1` share one group of rank actors for all their caches.
+    """
+    todo = merged(needs)
+    actors = start_ranks(ranks) if ranks > 1 and any(n.zero for n in todo) else []
+    done: dict[str, str] = {}
+    try:
+        for need in todo:
+            spec = get_spec(need.key.backbone)
+            writer = rank_writer(need, actors) if need.zero and actors else task_writer(need)
+            folder, status = cache.ensure(root, need.key, cache.lengths_of(need.split), spec.d_model, writer,
+                                          shard_bytes)
+            done[need.key.fingerprint()] = status
+            progress(f"activation cache {need.key.backbone} / {need.key.task} {need.key.split} "
+                     f"({need.key.positions}, φ_0..φ_{need.key.taps[-1]}): {status} -> {folder}")
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return done
+
+
+def with_caches(groups: Sequence[Group], study_folder: str,
+                progress: Callable[[str], None] = lambda s: None) -> list[Group]:
+    """Build the caches for the cacheable groups; returns the groups with `cache_dir` in their run config."""
+    root = cache_root(study_folder)
+    if root is None:
+        progress("activation caches: cloud storage, trials build their own on their node")
+        return list(groups)
+    needs = {g.name: needs_of(g) for g in groups}
+    if any(needs.values()):
+        build_all([n for ns in needs.values() for n in ns], root, progress=progress)
+    return [dataclasses.replace(g, run={**g.run, "cache_dir": str(root)}) if needs[g.name] else g for g in groups]
