@@ -9,27 +9,18 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import torch
 
 from trainables import tasks
 from trainables.backbones import get_spec, load_tokenizer
 from trainables.loop import RunConfig, eval_subset, train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 BASE = dict(backbone="minilm-l6", task="vader-movies", train_size=320, max_length=32, epochs=2, batch_size=16,
             max_eval_examples=256, device="cpu", weights="pretrained", measure_memory=False)
 # READ at its reference lr; LoRA's reference lr (3e-4) needs more than 40 steps to move the fresh head
 RUNS = {"read": {}, "lora": {"lr": 2e-3}}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine two contended threads ran these ~7x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

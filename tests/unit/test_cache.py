@@ -24,12 +24,7 @@ from trainables.methods import apply_method
 METHODS = {"read": {"hidden_size": 32}, "lst": {"r": 4}, "sherl": {"r": 4}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def config(tmp_path: Path, method: str = "read", backbone: str = "llama-tiny", **overrides: Any) -> RunConfig:

@@ -39,13 +39,7 @@ ROWS: dict[str, tuple[dict[str, Any], float]] = {
 EPOCHS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def config(method: str = "read", backbone: str = "llama-tiny", **overrides: Any) -> RunConfig:
