@@ -67,24 +67,28 @@ def run_config(args: argparse.Namespace, method: str, hp: dict[str, Any], **over
 
 def sweep(args: argparse.Namespace, method: str, hps: list[dict[str, Any]], out: Path, label: str,
           **overrides: Any) -> dict[str, Any]:
-    """Run the trials one after another; wall time and per-trial overhead / per-epoch split."""
+    """Run the trials one after another: total wall time, and per-trial overhead and per-epoch times.
+
+    The split uses medians (of epochs, and of each trial's time outside its epochs), which
+    a burst of load from other processes on a shared machine moves far less than means.
+    """
     start = time.perf_counter()
-    walls, epochs, metrics = [], [], []
+    epochs, overheads, metrics = [], [], []
     for i, hp in enumerate(hps):
         t0 = time.perf_counter()
         summary = train(run_config(args, method, hp, **overrides), out / f"{label}-{i}")
-        walls.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
         if summary["status"] != "ok":
             raise RuntimeError(f"{method} {label} trial {i}: {summary['status']}: {summary['error']}")
-        lines = (out / f"{label}-{i}" / "epochs.jsonl").read_text().splitlines()
-        epochs.append(json.loads(lines[-1])["wall_time_s"] / len(lines))
+        ends = [json.loads(line)["wall_time_s"] for line in (out / f"{label}-{i}" / "epochs.jsonl").open()]
+        epochs.extend(np.diff([0.0, *ends]).tolist())
+        overheads.append(wall - ends[-1])
         metrics.append(summary["best_metric"])
-        log(f"  {method} {label} {i + 1}/{len(hps)}: {walls[-1]:.1f}s, best {summary['best_metric']:.3f}, "
+        log(f"  {method} {label} {i + 1}/{len(hps)}: {wall:.1f}s, best {summary['best_metric']:.3f}, "
             f"cache {summary['cache_hit']} ({summary['cache_reason']})")
-    per_epoch = float(np.mean(epochs))
-    return {"wall_s": time.perf_counter() - start, "per_epoch_s": per_epoch,
-            "per_trial_overhead_s": float(np.mean(walls)) - per_epoch * args.epochs,
-            "best_metrics": metrics}
+    return {"wall_s": time.perf_counter() - start, "per_epoch_s": float(np.median(epochs)),
+            "per_trial_overhead_s": float(np.median(overheads[1:] if len(overheads) > 1 else overheads)),
+            "epoch_s": epochs, "overhead_s": overheads, "best_metrics": metrics}
 
 
 def bench_method(args: argparse.Namespace, method: str, work: Path) -> dict[str, Any]:
@@ -96,8 +100,7 @@ def bench_method(args: argparse.Namespace, method: str, work: Path) -> dict[str,
     log(f"{method}: cached (fresh folder: the first trial builds) ...")
     cached = sweep(args, method, hps, work, f"{method}-cached", cache_dir=str(root))
     manifests = [json.loads(p.read_text()) for p in sorted(root.glob("*/manifest.json"))]
-    build_s = sum(m["build_s"] for m in manifests)
-    cached["per_trial_overhead_s"] -= build_s / len(hps)  # the first trial's build is counted once, apart
+    build_s = sum(m["build_s"] for m in manifests)  # inside the first trial's overhead, left out of the median
     cache.forget()
     side = None
     if method in args.side_only:
@@ -121,7 +124,7 @@ def bench_method(args: argparse.Namespace, method: str, work: Path) -> dict[str,
 
 
 def growth(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Speedup for other sweep sizes, from the measured per-trial overhead, per-epoch times and build."""
+    """Speedup for other sweep sizes, from the median per-trial overhead and epoch time, and the build."""
     u, c = row["uncached"], row["cached"]
     out = []
     for trials in (1, 8, 32):
@@ -196,7 +199,11 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     for m in args.methods:
         g = out[m]["growth"]
         cells = "  ".join(f"{x['trials']}×{x['epochs']}: {x['speedup']:.1f}×" for x in g)
-        print(f"  {m} speedup by trials × epochs (derived from measured overhead/epoch/build): {cells}")
+        print(f"  {m} speedup by trials × epochs (derived from median overhead/epoch and the build): {cells}")
+        r = out[m]
+        print(f"  {m} medians: epoch {r['uncached']['per_epoch_s']:.1f}s live, {r['cached']['per_epoch_s']:.1f}s cached; "
+              f"trial overhead {r['uncached']['per_trial_overhead_s']:.1f}s live, "
+              f"{r['cached']['per_trial_overhead_s']:.1f}s cached")
     print("  bytes per 1,000 examples (bf16 unless --cache-dtype; φ_0..φ_L):")
     for name, s in out["sizes_per_1000"].items():
         print(f"    {name:<13} pooled {s['pooled'] / MIB:8.1f} MiB   all real tokens {s['all_tokens'] / MIB:9.1f} MiB"
