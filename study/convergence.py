@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     plan_info = {"study": name, "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
                  "seeds": args.seeds, "epochs": args.epochs}
     trials, _ = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
-                               address=args.address, seed=args.seed, early_stopping=False)
+                               address=args.address, seed=args.seed, early_stopping=False, zero_ranks=args.zero_ranks)
     print(summary_table(trials))
     print(f"\nwall time {time.time() - t0:.0f}s")
 

@@ -42,6 +42,7 @@ class Need:
     split: datasets.Dataset
     pad_token_id: int
     zero: bool
+    gpus: float = 0  # per builder, as the group's trials ask
 
 
 def cache_root(study_folder: str) -> Path | None:
@@ -69,7 +70,7 @@ def needs_of(group: Group) -> list[Need]:
     keys = cache.trial_keys(model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights)
     zero_on = cfg.zero == "on" or (cfg.zero == "auto" and device.type == "cuda" and torch.cuda.is_available()
                                    and zero.needed(spec, dtype, device))
-    return [Need(keys[n], dict(group.run), split, task.pad_token_id, zero_on)
+    return [Need(keys[n], dict(group.run), split, task.pad_token_id, zero_on, group.resources.get("gpu", 0))
             for n, split in (("train", task.train), ("validation", validation))]
 
 
@@ -122,7 +123,7 @@ def _write(need: Need, staging: str, shards: list[tuple[int, range]], per_rank: 
 
 def task_writer(need: Need, cpus: int = 1) -> cache.ShardWriter:
     """One Ray task per shard."""
-    remote = ray.remote(num_cpus=cpus)(_write)
+    remote = ray.remote(num_cpus=cpus, num_gpus=need.gpus)(_write)
 
     def write(staging: Path, ranges: list[range]) -> list[dict[str, Any]]:
         refs = [remote.remote(need, str(staging), [(s, r)], None, cpus) for s, r in enumerate(ranges)]
@@ -170,38 +171,64 @@ def rank_writer(need: Need, actors: Sequence[Any], cpus: int = 1) -> cache.Shard
     return write
 
 
+class NoRoom(ValueError):
+    """The Ray cluster cannot seat the requested ZeRO ranks."""
+
+
+def check_room(ranks: int, cpus: int, gpus: float) -> None:
+    """Rank actors start together and wait for each other: refuse what the cluster can never seat."""
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < ranks * cpus or have.get("GPU", 0) < ranks * gpus:
+        raise NoRoom(f"{ranks} ZeRO ranks need {ranks * cpus} CPUs and {ranks * gpus:g} GPUs; the Ray cluster "
+                         f"has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs (lower --zero-ranks)")
+
+
 def build_all(needs: Sequence[Need], root: Path, *, ranks: int = 1, shard_bytes: int = cache.SHARD_BYTES,
               progress: Callable[[str], None] = lambda s: None) -> dict[str, str]:
     """Ensure every needed cache under `root`; returns {fingerprint: what happened}.
 
-    ZeRO backbones with `ranks > 1` share one group of rank actors for all their caches.
+    Two phases, one after the other: first the caches built as one Ray task per shard, then
+    (with `ranks > 1`) the ZeRO ones on one group of rank actors shared by all of them. Running
+    both at once deadlocks a small cluster: the actors hold every CPU while shard tasks wait.
     """
     todo = merged(needs)
-    actors = start_ranks(ranks) if ranks > 1 and any(n.zero for n in todo) else []
+    spread = [n for n in todo if n.zero and ranks > 1]
+    tasks = [n for n in todo if not (n.zero and ranks > 1)]
     done: dict[str, str] = {}
-    try:
-        for need in todo:
-            spec = get_spec(need.key.backbone)
-            writer = rank_writer(need, actors) if need.zero and actors else task_writer(need)
-            folder, status = cache.ensure(root, need.key, cache.lengths_of(need.split), spec.d_model, writer,
-                                          shard_bytes)
-            done[need.key.fingerprint()] = status
-            progress(f"activation cache {need.key.backbone} / {need.key.task} {need.key.split} "
-                     f"({need.key.positions}, φ_0..φ_{need.key.taps[-1]}): {status} -> {folder}")
-    finally:
-        for a in actors:
-            ray.kill(a)
+
+    def ensure(need: Need, writer: cache.ShardWriter) -> None:
+        folder, status = cache.ensure(root, need.key, cache.lengths_of(need.split),
+                                      get_spec(need.key.backbone).d_model, writer, shard_bytes)
+        done[need.key.fingerprint()] = status
+        progress(f"activation cache {need.key.backbone} / {need.key.task} {need.key.split} "
+                 f"({need.key.positions}, φ_0..φ_{need.key.taps[-1]}): {status} -> {folder}")
+
+    for need in tasks:
+        ensure(need, task_writer(need))
+    if spread:
+        gpus = max(n.gpus for n in spread)
+        check_room(ranks, 1, gpus)
+        actors = start_ranks(ranks, gpus=gpus)
+        try:
+            for need in spread:
+                ensure(need, rank_writer(need, actors))
+        finally:
+            for a in actors:
+                ray.kill(a)
     return done
 
 
-def with_caches(groups: Sequence[Group], study_folder: str,
-                progress: Callable[[str], None] = lambda s: None) -> list[Group]:
-    """Build the caches for the cacheable groups; returns the groups with `cache_dir` in their run config."""
+def with_caches(groups: Sequence[Group], study_folder: str, progress: Callable[[str], None] = lambda s: None,
+                ranks: int = 1) -> list[Group]:
+    """Build the caches for the cacheable groups; returns the groups with `cache_dir` in their run config.
+
+    `ranks`: devices one partitioned (ZeRO) backbone is spread over while building.
+    """
     root = cache_root(study_folder)
     if root is None:
         progress("activation caches: cloud storage, trials build their own on their node")
         return list(groups)
     needs = {g.name: needs_of(g) for g in groups}
     if any(needs.values()):
-        build_all([n for ns in needs.values() for n in ns], root, progress=progress)
+        build_all([n for ns in needs.values() for n in ns], root, ranks=ranks, progress=progress)
     return [dataclasses.replace(g, run={**g.run, "cache_dir": str(root)}) if needs[g.name] else g for g in groups]

@@ -42,6 +42,8 @@ def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=None, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--zero-ranks", type=int, default=1, metavar="N",
+                   help="devices a ZeRO-3 (partitioned) backbone is spread over while its activation cache is built")
 
 
 def check_names(methods: Sequence[str], backbone_names: Sequence[str], task: str) -> None:
@@ -88,8 +90,10 @@ def plan_cache(storage: str) -> Path | None:
 
 def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: list[dict[str, Any]], *,
             plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
-            early_stopping: bool = True) -> tuple[list[dict], list[dict]]:
+            early_stopping: bool = True, zero_ranks: int = 1) -> tuple[list[dict], list[dict]]:
     """Run the groups on Ray Tune and write the Parquet tables, also when interrupted."""
+    if zero_ranks < 1:
+        raise UsageError(f"--zero-ranks must be 1 or more, not {zero_ranks}")
     local = launch.storage_is_local(folder)
     out = Path(folder) if local else Path("results") / name  # cloud: Tune writes there; Parquet also local
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +108,10 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
         return trials, epochs
     log(f"running {n} trials in {len(groups)} groups on Ray Tune (experiment {folder}/{launch.EXPERIMENT})")
     launch.init_ray(address)
-    groups = prepare.with_caches(groups, folder, log)  # side methods: taps computed once, before any trial
+    try:  # side methods: taps computed once, before any trial
+        groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
+    except prepare.NoRoom as e:
+        raise UsageError(str(e)) from None
     grid = None
     interrupted = False
     try:

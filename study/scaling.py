@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                  "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,
                             **p.counts, **(p.memory or {})} for p in pairs]}
     trials, _ = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,
-                               resume=args.resume, address=args.address, seed=args.seed)
+                               resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks)
     print(summary_table([t for t in trials if t["status"] != "estimated"]))
     print(f"\n{len(pairs) - len(to_run)} pairs estimated only (all {len(pairs)} planned rows in trials.parquet); "
           f"wall time {time.time() - t0:.0f}s")

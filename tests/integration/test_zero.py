@@ -121,7 +121,8 @@ def test_graft_methods_refuse_zero(tmp_path):
 def test_two_rank_gloo_cache_build_equals_the_plain_cache(tmp_path):
     """Two Ray actors form one gloo group holding MiniLM partitioned; the trials then only read.
 
-    A READ group on the same data goes through the default path (one Ray task per shard).
+    A READ group on the same data goes through the default path (one Ray task per shard). Two
+    CPUs exactly: the rank actors take both, so the shard tasks must run before them, not beside.
     """
     import ray
 
@@ -132,7 +133,7 @@ def test_two_rank_gloo_cache_build_equals_the_plain_cache(tmp_path):
                max_length=16, eval_batch_size=8, cache_dtype="fp32", zero="on")
     group = Group(name="lst|minilm-l6", run=run, space={}, n_trials=1)
     read = Group(name="read|minilm-l6", run=run | {"method": "read", "zero": "off"}, space={}, n_trials=1)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         needs = prepare.needs_of(group)
         assert [n.zero for n in needs] == [True, True]
@@ -140,6 +141,8 @@ def test_two_rank_gloo_cache_build_equals_the_plain_cache(tmp_path):
         assert len(shards) % 2 == 1  # the ranks get different numbers of forwards: lockstep pads one
         read_needs = prepare.needs_of(read)
         assert [n.key.positions for n in read_needs] == ["first", "first"] and not read_needs[0].zero
+        with pytest.raises(ValueError, match="3 ZeRO ranks need 3 CPUs"):
+            prepare.build_all(needs, tmp_path / "too-many", ranks=3, shard_bytes=SHARD_BYTES)
         statuses = prepare.build_all(needs + read_needs, tmp_path / "zero", ranks=2, shard_bytes=SHARD_BYTES)
     finally:
         ray.shutdown()
