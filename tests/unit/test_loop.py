@@ -18,24 +18,13 @@ from typing import Any
 
 import pytest
 import torch
+from method_table import ROWS  # tests/unit/method_table.py: the one table
 
 from trainables import loop
 from trainables.loop import EPOCH_KEYS, SUMMARY_KEYS, RunConfig, classify_failure, epochs_to_target, train
 from trainables.methods import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
-# method -> (config for tiny backbones, lr that makes 12 steps visibly learn)
-ROWS: dict[str, tuple[dict[str, Any], float]] = {
-    "full": ({}, 1e-3),
-    "bitfit": ({}, 1e-2),
-    "lora": ({"r": 4}, 1e-2),
-    "ia3": ({}, 3e-2),
-    "prompt": ({"n_virtual_tokens": 4}, 3e-1),
-    "adapter": ({}, 1e-2),
-    "read": ({"hidden_size": 32}, 1e-2),
-    "lst": ({"r": 4}, 3e-3),
-    "sherl": ({"r": 4}, 3e-3),
-}
 EPOCHS = 3
 
 

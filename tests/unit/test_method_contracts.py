@@ -1,6 +1,6 @@
 """Contracts every registered method meets (METHODS.md), table-driven over methods × tiny backbones.
 
-A new method is one file in trainables/methods/ plus one row in ROWS.
+A new method is one file in trainables/methods/ plus one row in method_table.ROWS.
 """
 
 from __future__ import annotations
@@ -9,23 +9,12 @@ import copy
 
 import pytest
 import torch
+from method_table import ROWS  # tests/unit/method_table.py: the one table
 
 from trainables import backbones
 from trainables.methods import REGISTRY, apply_method, collect_taps, get_method
 from trainables.methods.base import SideModel, Taps, pool, pooled_positions
 
-# method -> (config overrides for tiny backbones, AdamW lr for the overfit check)
-ROWS: dict[str, tuple[dict, float]] = {
-    "full": ({}, 1e-3),
-    "bitfit": ({}, 1e-2),
-    "lora": ({"r": 4}, 1e-2),
-    "ia3": ({}, 3e-2),
-    "prompt": ({"n_virtual_tokens": 4}, 3e-1),
-    "adapter": ({}, 1e-2),
-    "read": ({"hidden_size": 32}, 1e-2),
-    "lst": ({"r": 4}, 3e-3),
-    "sherl": ({"r": 4}, 3e-3),
-}
 TINY = ["llama-tiny", "bert-tiny"]
 CASES = [(m, b) for m in ROWS for b in TINY]
 
