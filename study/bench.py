@@ -225,7 +225,7 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["read", "lst"])
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--train-size", type=int, default=1000, help="~25 min for read+lst on 2 cores")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-eval-examples", type=int, default=500)
