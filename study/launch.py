@@ -164,6 +164,10 @@ def experiment_path(study_dir: str) -> str:
 def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool = False,
         early_stopping: bool = True, max_failures: int = 1, verbose: int = 1) -> tune.ResultGrid:
     """Run (or resume) every group's trials; returns Tune's ResultGrid (also on resume)."""
+    # Every epoch checkpoints, and num_to_keep=1 makes Tune snapshot its state on each one (so a
+    # resume never points at a deleted checkpoint). Cached side-method epochs take about a second,
+    # so Tune would warn on nearly every epoch: the snapshots stay, the warning goes.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(run_trial, lambda config: config["resources"])
     path = experiment_path(study_dir)
     if resume and tune.Tuner.can_restore(path):
