@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.sizes, args.seeds, args.epochs, args.max_eval_examples = [64, 256], [0], 3, 200
     methods = args.methods or ["read", "lora", "adapter", "full"]
-    runner.check_names(methods, [args.backbone], args.task)
+    runner.check_names(methods, [args.backbone], args.task, args.zero_ranks)
     if min(args.sizes) < 2 or args.epochs < 1:
         raise runner.UsageError("--sizes must be >= 2 and --epochs >= 1")
     name = args.name if args.name != "convergence" or not args.quick else "convergence-quick"

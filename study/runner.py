@@ -46,7 +46,10 @@ def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
                    help="devices a ZeRO-3 (partitioned) backbone is spread over while its activation cache is built")
 
 
-def check_names(methods: Sequence[str], backbone_names: Sequence[str], task: str) -> None:
+def check_names(methods: Sequence[str], backbone_names: Sequence[str], task: str, zero_ranks: int = 1) -> None:
+    """Every bad name or number is a one-line error before anything is written."""
+    if zero_ranks < 1:
+        raise UsageError(f"--zero-ranks must be 1 or more, not {zero_ranks}")
     for m in methods:
         try:
             get_method(m)
@@ -92,8 +95,6 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
             plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
             early_stopping: bool = True, zero_ranks: int = 1) -> tuple[list[dict], list[dict]]:
     """Run the groups on Ray Tune and write the Parquet tables, also when interrupted."""
-    if zero_ranks < 1:
-        raise UsageError(f"--zero-ranks must be 1 or more, not {zero_ranks}")
     local = launch.storage_is_local(folder)
     out = Path(folder) if local else Path("results") / name  # cloud: Tune writes there; Parquet also local
     out.mkdir(parents=True, exist_ok=True)

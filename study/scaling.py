@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                  cost_epochs=base.cost_epochs, cost_batches=base.cost_batches)
     methods = args.methods or (list(QUICK_METHODS) if args.quick else list(REGISTRY))
     run_backbones = args.backbones or list(QUICK_RUN_BACKBONES if args.quick else DEFAULT_RUN_BACKBONES)
-    runner.check_names(methods, run_backbones + [args.max_model], args.task)
+    runner.check_names(methods, run_backbones + [args.max_model], args.task, args.zero_ranks)
     if min(s.trials_per_method, s.epochs, s.train_size) < 1:
         raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
     name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"
