@@ -60,25 +60,34 @@ def _report_dict(report: Any) -> dict[str, Any]:
             "source": report.source}
 
 
+def _per_method(methods: list[str], what: str, backbone: str,
+                measure: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`measure` each method in turn, timed and logged; one broken method must not hide the others."""
+    rows = []
+    for i, method in enumerate(methods, 1):
+        start = time.perf_counter()
+        try:
+            row = {"method": method, **measure(method)}
+        except Exception as exc:
+            row = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        log(f"  [{i}/{len(methods)}] {backbone} {method}: {what} in {row['seconds']:.1f}s"
+            + (f"  FAILED {row['error']}" if "error" in row else ""))
+        rows.append(row)
+    return rows
+
+
 def estimated_rows(backbone: str, dtype: str, batch_size: int, seq_len: int, methods: list[str],
                    foreach: bool) -> list[dict[str, Any]]:
     """One estimated row per method (an `error` key instead where a method fails)."""
     from trainables.memory import estimate_step
 
-    rows = []
-    for i, method in enumerate(methods, 1):
-        start = time.perf_counter()
-        try:
-            report = estimate_step(backbone, method, None, batch_size=batch_size, seq_len=seq_len,
-                                   dtype=DTYPES[dtype], foreach=foreach)
-            row = {"method": method, "estimated": _report_dict(report)}
-        except Exception as exc:  # one broken method must not hide the others
-            row = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        log(f"  [{i}/{len(methods)}] {backbone} {method}: estimated in {row['seconds']:.1f}s"
-            + (f"  FAILED {row['error']}" if "error" in row else ""))
-        rows.append(row)
-    return _with_ratios(rows, "estimated")
+    def measure(method: str) -> dict[str, Any]:
+        report = estimate_step(backbone, method, None, batch_size=batch_size, seq_len=seq_len,
+                               dtype=DTYPES[dtype], foreach=foreach)
+        return {"estimated": _report_dict(report)}
+
+    return _with_ratios(_per_method(methods, "estimated", backbone, measure), "estimated")
 
 
 def checked_rows(backbone: str, batch_size: int, seq_len: int, methods: list[str]) -> list[dict[str, Any]]:
@@ -87,27 +96,20 @@ def checked_rows(backbone: str, batch_size: int, seq_len: int, methods: list[str
     from trainables.memory import build_task_model, estimate_step, measure_step, synthetic_batch
 
     spec = get_spec(backbone)
-    rows = []
-    for i, method in enumerate(methods, 1):
-        start = time.perf_counter()
-        try:
-            torch.manual_seed(0)
-            model = build_task_model(backbone, method, None, device="cpu", dtype=torch.float32)
-            batch = synthetic_batch(spec.config["vocab_size"], batch_size, seq_len,
-                                    pad_token_id=spec.config.get("pad_token_id") or 0)
-            tracked = measure_step(model, batch)  # CPU: AdamW's per-parameter loop
-            del model
-            estimated = estimate_step(backbone, method, None, batch_size=batch_size, seq_len=seq_len,
-                                      dtype=torch.float32, foreach=False)  # the same loop, on fake tensors
-            row = {"method": method, "tracked": _report_dict(tracked), "estimated": _report_dict(estimated),
-                   "error_vs_tracked": estimated.peak_bytes / tracked.peak_bytes - 1}
-        except Exception as exc:
-            row = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        log(f"  [{i}/{len(methods)}] {backbone} {method}: tracked + estimated in {row['seconds']:.1f}s"
-            + (f"  FAILED {row['error']}" if "error" in row else ""))
-        rows.append(row)
-    return _with_ratios(rows, "tracked")
+
+    def measure(method: str) -> dict[str, Any]:
+        torch.manual_seed(0)
+        model = build_task_model(backbone, method, None, device="cpu", dtype=torch.float32)
+        batch = synthetic_batch(spec.config["vocab_size"], batch_size, seq_len,
+                                pad_token_id=spec.config.get("pad_token_id") or 0)
+        tracked = measure_step(model, batch)  # CPU: AdamW's per-parameter loop
+        del model
+        estimated = estimate_step(backbone, method, None, batch_size=batch_size, seq_len=seq_len,
+                                  dtype=torch.float32, foreach=False)  # the same loop, on fake tensors
+        return {"tracked": _report_dict(tracked), "estimated": _report_dict(estimated),
+                "error_vs_tracked": estimated.peak_bytes / tracked.peak_bytes - 1}
+
+    return _with_ratios(_per_method(methods, "tracked + estimated", backbone, measure), "tracked")
 
 
 def _with_ratios(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
