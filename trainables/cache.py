@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainables.backbones import BackboneSpec
-from trainables.methods.base import Output, SideModel, Taps, collect_taps, pooled_positions
+from trainables.methods.base import SideModel, Taps, collect_taps, pooled_positions
 from trainables.zero import input_device, is_partitioned, lockstep
 
 FORMAT = 1
@@ -436,29 +436,6 @@ def preload(folder: Path) -> TapReader:
 
 def forget() -> None:
     _OPEN.clear()
-
-
-class OnTaps(nn.Module):
-    """A side model bound to one batch of taps, called like a task model: `(labels=...) -> Output`.
-
-    Lets the measurement helpers (memory.measure_step, energy.flops_per_step), which call
-    `model(**batch)`, measure a step on cached taps: the side network only, no backbone.
-    """
-
-    def __init__(self, model: SideModel, taps: Taps):
-        super().__init__()
-        self.model = model
-        self.taps = taps
-
-    def forward(self, labels: torch.Tensor | None = None) -> Output:
-        return self.model.forward_taps(self.taps, labels)
-
-
-def tensors_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A cached batch flattened to tensors (labels first), so a memory tracker sees the taps as inputs."""
-    taps = batch["taps"]
-    return {"labels": batch["labels"], "tap_mask": taps.attention_mask,
-            **{f"tap{i}": h for i, h in taps.hidden.items()}}
 
 
 # --------------------------------------------------------------------------- one trial

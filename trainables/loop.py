@@ -447,14 +447,17 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             start_epoch, history, totals = ckpt["epoch"], ckpt["history"], ckpt["totals"]
             measured = ckpt["measured"]
         else:
-            first = to_device(next(train_batches(0)))
-            # on the cache, a step is the side network on taps: no backbone activations to measure
-            stepped, inputs = (cache.OnTaps(model, first["taps"]), cache.tensors_of(first)) if readers else (model, first)
+            # The method's live step, backbone forward included, also when this trial reads the cache:
+            # memory and FLOPs are the method's cost, comparable across trials; cache_hit says how it ran.
+            first = to_device(next(tasks.batches(task.train, cfg.batch_size, pad_token_id=task.pad_token_id,
+                                                 shuffle=True, seed=epoch_seed(cfg.seed, 0))))
             model.train()
+            if side:
+                model.backbone.eval()  # as in training: a frozen backbone has no dropout
             with untouched(model), autocast:
-                measured["flops_per_step"] = int(flops_per_step(stepped, inputs))
+                measured["flops_per_step"] = int(flops_per_step(model, first))
                 if cfg.measure_memory:
-                    measured |= measure_step(stepped, inputs, lr=cfg.learning_rate).as_dict()
+                    measured |= measure_step(model, first, lr=cfg.learning_rate).as_dict()
         summary |= {k: measured.get(k) for k in ("flops_per_step", *MEMORY_KEYS)}
         energy = EnergyMeter(device)
         summary["energy_source"] = energy.source
