@@ -405,7 +405,7 @@ def convergence_verdicts(trials: pd.DataFrame, epochs: pd.DataFrame, method: str
                                {"comparator": other, "rule": rule,
                                 "summary": f"no (size, seed) where both {method} and {other} finished"}))
             continue
-        for (backbone, size), g in diffs.groupby(["backbone", "train_size"], dropna=False):
+        for (backbone, size), g in diffs.groupby(["backbone", "train_size"]):  # no size: nothing to pair on
             ci = bootstrap_ci(g["diff"], seed=seed)
             verdict = difference_rule(len(g), ci)
             mine = table[(table["method"] == method) & (table["backbone"] == backbone)
@@ -453,27 +453,29 @@ COST_CLAIMS = (
 )
 COST_SOURCES = {"memory": ("cuda", "tracked", "estimated"), "energy": ("nvml", "rapl")}
 COST_KEYS = ["study", "backbone", "batch_size", "max_length", "source"]
-_NO_KEY = "∅"  # planned rows have no batch size: a visible placeholder keeps them in the groups
 
 
 def cost_values(trials: pd.DataFrame, quantity: str) -> pd.DataFrame:
     """Median cost per method × setting × source: peak memory in bytes, or energy in joules per training token.
 
     Energy is per training token because trials stop at different epochs (ASHA); the
-    paper's figure is for whole runs. Memory comes from finished and planned rows.
+    paper's figure is for whole runs; trials that read the activation cache are left out (their
+    energy has no backbone forward). Memory comes from finished and planned rows: a trial's memory
+    is its method's live step whether or not it read the cache.
     """
     if quantity == "memory":
         t = trials[trials["status"].isin(["ok", "estimated"]) & trials["peak_memory_bytes"].notna()].copy()
         t["value"], t["source"] = t["peak_memory_bytes"].astype(float), t["memory_source"]
     elif quantity == "energy":
-        t = trials[(trials["status"] == "ok") & trials["energy_joules"].notna()].copy()
+        # a trial on the activation cache spent no energy on the backbone forward: not the paper's quantity
+        t = trials[(trials["status"] == "ok") & trials["energy_joules"].notna() & ~trials["cache_hit"].eq(True)].copy()
         tokens = t["tokens_per_s"] * t["train_time_s"]
         t["value"], t["source"] = t["energy_joules"] / tokens.where(tokens > 0), t["energy_source"]
     else:
         raise ValueError(f"quantity must be memory or energy, got {quantity!r}")
     t = t.dropna(subset=["value", "source"])
-    for key in ("batch_size", "max_length"):
-        t[key] = [int(x) if pd.notna(x) else _NO_KEY for x in t[key]]
+    for key in ("batch_size", "max_length"):  # nullable ints: rows without them still group and pair
+        t[key] = t[key].astype("Int64")
     return (t.groupby([*COST_KEYS, "method"], dropna=False, sort=False)["value"].agg(["median", "size"])
             .rename(columns={"median": "value", "size": "trials"}).reset_index())
 

@@ -203,6 +203,9 @@ def test_energy_is_compared_per_training_token(tmp_path):
     for method, joules, tokens_per_s in (("full", 1000.0, 100.0), ("read", 100.0, 50.0)):
         rows.append(trial(method, method, "llama-s", batch_size=16, max_length=32, energy_joules=joules,
                           energy_source="nvml", tokens_per_s=tokens_per_s, train_time_s=10.0))
+    # a READ trial on the activation cache spent no energy on the backbone: left out of the claim
+    rows.append(trial("read-cached", "read", "llama-s", batch_size=16, max_length=32, energy_joules=1.0,
+                      energy_source="nvml", tokens_per_s=50.0, train_time_s=10.0, cache_hit=True))
     trials, _ = roundtrip(tmp_path, rows)
     v = memory_verdict(claims.cost_verdicts(trials), "read-energy-84", "nvml")
     # full: 1 J/token; read: 100 J / 500 tokens = 0.2 J/token → −80%, within 10 points of −84%
