@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from study import schema
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KERNEL = "python3"
@@ -111,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     for d in dirs:
         if not (d / "trials.parquet").is_file():
             p.error(f"no trials.parquet in {d}")
+        try:  # before any notebook starts: a broken table is one line, not a kernel traceback
+            for table in ("trials.parquet", "epochs.parquet"):
+                if (d / table).exists():
+                    schema.read(d / table)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            p.error(str(e) if str(d / table) in str(e) else f"{d / table}: {e}")
     scaling = args.scaling.resolve() if args.scaling else None
     convergence = args.convergence.resolve() if args.convergence else None
     for out in run_all(scaling, convergence):

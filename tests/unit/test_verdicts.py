@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from analysis import claims
@@ -239,3 +241,23 @@ def test_verdicts_json_is_well_formed_and_merged_per_claim(tmp_path):
     assert by_claim[claims.CONVERGENCE_CLAIM] == 2
     assert by_claim["read-memory-56"] == 3
     assert claims.verdict_problems({"claim": "x"}) != []
+
+
+# --------------------------------------------------------------------------- bad input to the report
+
+@pytest.mark.parametrize("write,needle", [
+    (None, "no trials.parquet in"),
+    (lambda path: path.write_text("not parquet"), "magic bytes"),
+    (lambda path: pq.write_table(pa.table({"a": [1]}), path), "schema version ?"),
+])
+def test_report_refuses_bad_folders_in_one_line(tmp_path, capsys, write, needle):
+    from analysis import report
+
+    if write is not None:
+        write(tmp_path / "trials.parquet")
+    with pytest.raises(SystemExit) as stop:
+        report.main(["--scaling", str(tmp_path)])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m analysis.report: error:") and needle in last, last
+    assert not (tmp_path / "notebooks").exists()  # no notebook started
