@@ -108,8 +108,9 @@ def memory_energy(verdicts: list[claims.Verdict], path: str | Path | None = None
         lo, hi = v.details["range"]
         ax.errorbar(v.statistic * 100, i, xerr=[[100 * (v.statistic - lo)], [100 * (hi - v.statistic)]], fmt="o",
                     capsize=4, color="tab:green" if v.verdict == claims.SUPPORTED else "tab:red")
-    ax.set(yticks=range(len(labels)), yticklabels=labels, xlabel="change vs full fine-tuning (%)", xlim=(-100, 50),
-           title="memory and energy vs full FT (dot: median over backbones, bar: range; |: paper)")
+    highest = max([50.0] + [100 * v.details["range"][1] + 10 for v in verdicts if v.statistic is not None])
+    ax.set(yticks=range(len(labels)), yticklabels=labels, xlabel="change vs full fine-tuning (%)",
+           xlim=(-100, highest), title="memory and energy vs full FT (dot: median over settings, bar: range; |: paper)")
     ax.axvline(0, color="grey", lw=1)
     ax.invert_yaxis()
     ax.grid(True, axis="x", alpha=0.3)
