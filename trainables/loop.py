@@ -138,8 +138,12 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        for key in ("weight_decay", "max_grad_norm", "seed"):  # a negative clip norm would flip the gradients
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < math.inf:
+                raise ValueError(f"{key} must be >= 0 and finite, got {value}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if not 0.0 < self.target_fraction <= 1.0:
@@ -231,8 +235,12 @@ def _as_tuples(x: Any) -> Any:
 
 @contextlib.contextmanager
 def untouched(model: TaskModel) -> Iterator[None]:
-    """Run a measurement without leaving a trace: same trainable weights, no grads, same RNG."""
-    weights, rng, was_training = model.trainable_state_dict(), rng_state(), model.training
+    """Run a measurement without leaving a trace: same trainable weights, no grads, same RNG.
+
+    The weights are kept on the CPU: a copy on the GPU would sit in the measured peak.
+    """
+    weights = {n: p.detach().to("cpu", copy=True) for n, p in model.trainable_named_parameters()}
+    rng, was_training = rng_state(), model.training
     try:
         yield
     finally:
@@ -544,7 +552,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                 break
         if not reported and history:  # resumed a finished run: still leave one complete record
             summary |= running_summary(history, totals, cfg.target_fraction, energy.source)
-            report(dict(summary), None)
+            report({**summary, **history[-1]}, None)  # with the last epoch's eval_metric, as Tune expects
     except Exception as exc:  # outcomes, not crashes (SystemExit/KeyboardInterrupt still stop us)
         summary["status"], summary["error"] = classify_failure(exc)
         if progress:
@@ -617,6 +625,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, Path, bool, Pa
     cfg = RunConfig.from_dict(values)
     validate(cfg)
     out = args.out or Path("results", "runs", f"{cfg.method}-{cfg.backbone}-{datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if args.resume is not None and not (args.resume.is_file() or (args.resume / CHECKPOINT_FILE).is_file()):
+        raise ValueError(f"--resume {args.resume}: no checkpoint (a trial's checkpoint/ folder holds {CHECKPOINT_FILE})")
     return cfg, out, args.json, args.resume
 
 

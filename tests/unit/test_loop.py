@@ -134,7 +134,10 @@ def test_resuming_a_finished_run_reports_its_record_once(tmp_path):
     again = train(config(epochs=2), tmp_path / "b", rec, resume_from=tmp_path / "a" / "checkpoint")
     same = ("status", "best_metric", "final_metric", "epochs_run", "tokens_per_s", "train_time_s", "flops_per_step")
     assert {k: again[k] for k in same} == {k: whole[k] for k in same}
-    assert [m for m, _ in rec.calls] == [again] and len(read_epochs(tmp_path / "b")) == 2
+    epochs = read_epochs(tmp_path / "b")
+    assert len(epochs) == 2 and len(rec.calls) == 1 and rec.calls[0][1] is None
+    # the one report is the summary plus the last epoch: Tune's objective reads its eval_metric
+    assert rec.calls[0][0] == {**again, **epochs[-1]} and rec.calls[0][0]["eval_metric"] is not None
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
@@ -258,6 +261,10 @@ def test_unknown_method_key_is_an_error_outcome(tmp_path):
     (["--method", "read", "--set", "nope=1"], "nope"),
     (["--run", "epochz=1"], "epochz"),
     (["--epochs", "many"], "--epochs"),
+    (["--run", "max_grad_norm=-1"], "max_grad_norm must be >= 0"),
+    (["--run", "lr=inf"], "lr must be > 0 and finite"),
+    (["--out", str(ROOT / "pyproject.toml")], "is a file"),
+    (["--resume", "no/such/checkpoint"], "no checkpoint"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert loop.main(argv) == 2
