@@ -77,8 +77,13 @@ class CacheKey:
     dtype: str  # storage dtype
     format: int = FORMAT
 
+    # Recorded, not hashed: the data digest already pins the rows they select, and the weights
+    # revision the random draw, so trials that differ only here share one cache.
+    INFORMATIONAL = ("train_size", "seed")
+
     def fingerprint(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        parts = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.INFORMATIONAL}
+        blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
