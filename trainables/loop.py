@@ -166,7 +166,7 @@ class RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Check names and the method config without building anything; raises ValueError naming valid values."""
     spec = get_spec(cfg.backbone)
-    get_method(cfg.method).parse(cfg.method_config)
+    method_cfg = get_method(cfg.method).parse(cfg.method_config)
     if cfg.method not in REFERENCE_LR and cfg.lr is None:
         raise ValueError(f"method {cfg.method!r} has no reference lr; pass lr explicitly")
     if not (cfg.task in tasks.TASK_NAMES or cfg.task.startswith("file:")):
@@ -177,6 +177,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("device=cuda, but no CUDA device is visible")
     if cfg.zero == "on" and get_method(cfg.method).family == "graft":
         raise ValueError(f"zero=on is for side methods' frozen backbones; {cfg.method} trains inside the backbone")
+    if cfg.zero == "on" and getattr(method_cfg, "importance", None) == "fisher":
+        raise ValueError("zero=on: Fisher importance needs the backbone's gradients, which a partitioned "
+                         "backbone does not gather; use importance=l1")
 
 
 # --------------------------------------------------------------------------- outcomes

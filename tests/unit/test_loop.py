@@ -265,6 +265,7 @@ def test_unknown_method_key_is_an_error_outcome(tmp_path):
     (["--run", "lr=inf"], "lr must be > 0 and finite"),
     (["--out", str(ROOT / "pyproject.toml")], "is a file"),
     (["--resume", "no/such/checkpoint"], "no checkpoint"),
+    (["--method", "lst", "--set", "importance=fisher", "--run", "zero=on"], "use importance=l1"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert loop.main(argv) == 2
