@@ -150,10 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory:
             if min(args.batch_size, args.seq_len) < 1:
                 raise ValueError("--batch-size and --seq-len must be >= 1")
+            positions = backbones.get_spec(args.backbone).config.get("max_position_embeddings")
+            tokens = args.seq_len + getattr(get_method(args.method).parse(overrides), "n_virtual_tokens", 0)
+            if positions is not None and tokens > positions:
+                raise ValueError(f"{tokens} tokens per example (--seq-len plus any virtual tokens) exceed "
+                                 f"{args.backbone}'s {positions} positions")
             from trainables.memory import estimate_step  # fake-tensor machinery: only when asked
 
-            report = estimate_step(args.backbone, args.method, overrides, batch_size=args.batch_size,
-                                   seq_len=args.seq_len, dtype=DTYPES[args.dtype])
+            try:
+                report = estimate_step(args.backbone, args.method, overrides, batch_size=args.batch_size,
+                                       seq_len=args.seq_len, dtype=DTYPES[args.dtype])
+            except RuntimeError as exc:  # e.g. more tokens than the backbone has positions
+                raise ValueError(f"memory estimate failed: {' '.join(str(exc).split())[:300]}") from None
             result |= report.as_dict() | {"memory_batch_size": args.batch_size, "memory_seq_len": args.seq_len,
                                           "memory_dtype": args.dtype}
     except ValueError as exc:

@@ -118,18 +118,25 @@ def estimate_memory(pairs: Sequence[tuple[str, str]], *, batch_size: int, seq_le
         task = ray.remote(num_cpus=1)(_estimate)
         refs = {task.remote(b, m, batch_size, seq_len, dtype): (m, b) for m, b in todo}
         pending, done = list(refs), 0
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            pair = refs[ready[0]]
-            cache[key[pair]] = ray.get(ready[0])
-            done += 1
-            progress(f"memory estimate {done}/{len(todo)}: {pair[0]} on {pair[1]}")
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-    return {p: cache[key[p]] for p in pairs}
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                pair = refs[ready[0]]
+                done += 1
+                try:
+                    cache[key[pair]] = ray.get(ready[0])
+                    progress(f"memory estimate {done}/{len(todo)}: {pair[0]} on {pair[1]}")
+                except ray.exceptions.RayTaskError as exc:  # one pair without an estimate, not the whole plan
+                    cause = exc.as_instanceof_cause()
+                    progress(f"memory estimate {done}/{len(todo)}: {pair[0]} on {pair[1]} FAILED "
+                             f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[-1][:200]}); no estimate")
+        finally:  # what finished is kept, also when interrupted
+            if cache_file is not None:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cache))
+                os.replace(tmp, cache_file)
+    return {p: cache[key[p]] for p in pairs if key[p] in cache}
 
 
 def plan_pairs(methods: Sequence[str], backbone_names: Sequence[str], *, batch_size: int, seq_len: int,

@@ -285,6 +285,24 @@ def build_task_model(backbone: str, method: str, method_cfg: dict[str, Any] | No
     return model
 
 
+def _materialise_once(model: nn.Module) -> None:
+    """`model.to_empty(device="cpu")` that converts a parameter shared by several modules once.
+
+    `to_empty` visits a shared parameter (peft's prompt tuning shares the word embeddings) once
+    per owner; on the second visit it is already fake and torch refuses to swap it again.
+    """
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old, new): old kept alive, ids unique
+    for module in model.modules():
+        for slots, as_param in ((module._parameters, True), (module._buffers, False)):
+            for key, t in slots.items():
+                if t is None:
+                    continue
+                if id(t) not in done:
+                    empty = torch.empty_like(t, device="cpu")
+                    done[id(t)] = t, nn.Parameter(empty, requires_grad=t.requires_grad) if as_param else empty
+                slots[key] = done[id(t)][1]
+
+
 def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None = None, *, batch_size: int,
                   seq_len: int, dtype: torch.dtype, n_labels: int = 2, foreach: bool = True,
                   master_fp32: bool = True) -> MemoryReport:
@@ -305,9 +323,9 @@ def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None 
     spec = get_spec(backbone)
     model = build_task_model(backbone, method, method_cfg, device="meta", dtype=dtype, n_labels=n_labels,
                              master_fp32=master_fp32)
-    # allow_non_fake_inputs: `to_empty` reads the meta tensors it replaces
+    # allow_non_fake_inputs: materialising reads the meta tensors it replaces
     with FakeTensorMode(allow_non_fake_inputs=True), _AllTrueMasks():
-        model.to_empty(device="cpu")
+        _materialise_once(model)
         model.train()
         batch = synthetic_batch(spec.config["vocab_size"], batch_size, seq_len, n_labels=n_labels,
                                 pad_token_id=spec.config.get("pad_token_id") or 0)

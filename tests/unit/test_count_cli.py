@@ -75,6 +75,7 @@ BAD = [
     ["--backbone", "llama-tiny"],
     ["--all", "--method", "lora", "--set", "rank=8"],
     ["--all", "--max-model", "nope"],
+    ["--backbone", "bert-tiny", "--method", "prompt", "--memory", "--seq-len", "512"],  # + 20 virtual > 512
     ["--bogus"],
 ]
 

@@ -63,7 +63,8 @@ def test_measure_step_leaves_model_as_it_was():
 
 
 @pytest.mark.parametrize(("backbone", "method"), [("llama-tiny", "full"), ("llama-tiny", "lora"),
-                                                  ("bert-tiny", "read"), ("bert-tiny", "lst")])
+                                                  ("bert-tiny", "read"), ("bert-tiny", "lst"),
+                                                  ("llama-tiny", "prompt")])  # shares the word embeddings
 def test_estimate_matches_tracked(backbone, method):
     b, t = 4, 16
     tracked = memory.measure_step(tiny(method, backbone), batch_for(backbone, b, t))
