@@ -14,6 +14,7 @@ import time
 from study import plan, runner
 from study.collect import summary_table
 from study.launch import Group
+from trainables.backbones import get_spec
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,9 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.sizes, args.seeds, args.epochs, args.max_eval_examples = [64, 256], [0], 3, 200
     methods = args.methods or ["read", "lora", "adapter", "full"]
-    runner.check_names(methods, [args.backbone], args.task, args.zero_ranks)
-    if min(args.sizes) < 2 or args.epochs < 1:
-        raise runner.UsageError("--sizes must be >= 2 and --epochs >= 1")
+    runner.check_input(methods, [args.backbone], args)
+    if min(args.sizes) < 2 or args.epochs < 1 or args.max_eval_examples < 1:
+        raise runner.UsageError("--sizes must be >= 2, --epochs and --max-eval-examples >= 1")
+    if get_spec(args.backbone).tokenizer is None:
+        raise runner.UsageError(f"{args.backbone} has no offline tokenizer here; convergence needs a real task "
+                                f"(try minilm-l6 or smollm2-135m)")
     name = args.name if args.name != "convergence" or not args.quick else "convergence-quick"
     folder = runner.study_dir(args.storage, name, args.resume)
     max_length = args.max_length or 32

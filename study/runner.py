@@ -46,10 +46,13 @@ def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
                    help="devices a ZeRO-3 (partitioned) backbone is spread over while its activation cache is built")
 
 
-def check_names(methods: Sequence[str], backbone_names: Sequence[str], task: str, zero_ranks: int = 1) -> None:
-    """Every bad name or number is a one-line error before anything is written."""
-    if zero_ranks < 1:
-        raise UsageError(f"--zero-ranks must be 1 or more, not {zero_ranks}")
+def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: argparse.Namespace) -> None:
+    """Every bad name or number of the common flags is a one-line error before anything is written."""
+    for flag in ("batch_size", "max_length", "zero_ranks"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be 1 or more, not {value}")
+    task = args.task
     for m in methods:
         try:
             get_method(m)
@@ -101,7 +104,8 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     (out / "plan.json").write_text(json.dumps(plan_info, indent=2, default=str))
     env = collect.environment()
     estimated = [{**r, **env, "study": name, "trial_id": f"estimated:{r['method']}:{r['backbone']}"} for r in estimated]
-    collect.write(out, estimated, [])
+    if not resume:  # a resumed study keeps its tables until the new ones are written
+        collect.write(out, estimated, [])
     trials, epochs = list(estimated), []
     n = sum(g.n_trials for g in groups)
     if n == 0:
@@ -113,13 +117,13 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
         groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
     except prepare.NoRoom as e:
         raise UsageError(str(e)) from None
-    grid = None
-    interrupted = False
+    grid, stopped = None, None
     try:
         grid = launch.run(groups, folder, seed=seed, resume=resume, early_stopping=early_stopping)
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: writing what finished; continue with --resume")
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or a crash: what finished is written first
+        stopped = exc
+        log(f"{'interrupted' if isinstance(exc, KeyboardInterrupt) else f'stopped by {type(exc).__name__}'}: "
+            "writing what finished; continue with --resume")
     if grid is None:
         grid = launch.results(folder)
     if grid is not None:
@@ -127,8 +131,8 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
         trials = estimated + ran
     collect.write(out, trials, epochs)
     log(f"wrote {out / 'trials.parquet'} ({len(trials)} rows) and {out / 'epochs.parquet'} ({len(epochs)} rows)")
-    if interrupted:
-        raise KeyboardInterrupt
+    if stopped is not None:
+        raise stopped
     return trials, epochs
 
 

@@ -10,6 +10,7 @@ means nothing), vader-movies, every method with the same trial budget.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -70,13 +71,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     base = QUICK if args.quick else DEFAULT
-    s = Settings(trials_per_method=args.trials_per_method or base.trials_per_method,
-                 epochs=args.epochs or base.epochs, train_size=args.train_size or base.train_size,
-                 max_length=args.max_length or base.max_length, max_eval_examples=base.max_eval_examples,
-                 cost_epochs=base.cost_epochs, cost_batches=base.cost_batches)
+    given = {k: getattr(args, k) for k in ("trials_per_method", "epochs", "train_size", "max_length")
+             if getattr(args, k) is not None}  # 0 is refused below, not replaced by the default
+    s = dataclasses.replace(base, **given)
     methods = args.methods or (list(QUICK_METHODS) if args.quick else list(REGISTRY))
     run_backbones = args.backbones or list(QUICK_RUN_BACKBONES if args.quick else DEFAULT_RUN_BACKBONES)
-    runner.check_names(methods, run_backbones + [args.max_model], args.task, args.zero_ranks)
+    runner.check_input(methods, run_backbones + [args.max_model], args)
     if min(s.trials_per_method, s.epochs, s.train_size) < 1:
         raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
     name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"

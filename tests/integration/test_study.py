@@ -178,6 +178,8 @@ def test_cluster_yaml_validates_and_broken_copies_fail():
     (["--max-model", "llama-900b"], "valid:"),
     (["--storage", "/proc/no-such-dir"], "not writable"),
     (["--zero-ranks", "0"], "--zero-ranks must be 1 or more"),
+    (["--epochs", "0"], "--epochs"),  # refused, not replaced by the default
+    (["--batch-size", "0"], "--batch-size must be 1 or more"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path):
     out = run_cli("study.scaling", "--storage", str(tmp_path / "r"), *args, timeout=120)
