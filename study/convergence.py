@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     max_length = args.max_length or 32
 
     t0 = time.time()
-    budget = plan.Budget.detect()
+    budget = plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib)
     resources = {"cpu": budget.cpus_per_trial, **({"gpu": budget.gpus_per_trial} if budget.gpus_per_trial else {})}
     groups = [
         Group(name=f"{m}|{args.backbone}|n{n}|s{seed}", space={}, n_trials=1, resources=resources,

@@ -34,9 +34,13 @@ class Budget:
     gpus_per_trial: int = 0
 
     @staticmethod
-    def detect(concurrent_trials: int = 2) -> Budget:
-        if torch.cuda.is_available():
+    def detect(concurrent_trials: int = 2, gpu_memory_gib: float | None = None) -> Budget:
+        """This machine's GPU, else `gpu_memory_gib` (the workers' GPUs, for a driver on a CPU head
+        of an autoscaling cluster, which has no GPU to look at), else a share of this machine's RAM."""
+        mem = int(gpu_memory_gib * 2**30) if gpu_memory_gib else None
+        if mem is None and torch.cuda.is_available():
             mem = torch.cuda.get_device_properties(0).total_memory
+        if mem is not None:
             return Budget(device="cuda", memory_bytes=int(mem * 0.9), cpus_per_trial=2, gpus_per_trial=1,
                           cpu_max_block_params=10**13)
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

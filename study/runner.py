@@ -42,6 +42,9 @@ def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=None, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gpu-memory-gib", type=float, default=None, metavar="G",
+                   help="trials run on one GPU of G GiB each; for a driver on a CPU head whose workers have GPUs "
+                        "(default: this machine's GPU, else CPU)")
     p.add_argument("--zero-ranks", type=int, default=1, metavar="N",
                    help="devices a ZeRO-3 (partitioned) backbone is spread over while its activation cache is built")
 
@@ -52,6 +55,8 @@ def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: arg
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be 1 or more, not {value}")
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        raise UsageError(f"--gpu-memory-gib must be > 0, not {args.gpu_memory_gib}")
     task = args.task
     for m in methods:
         try:

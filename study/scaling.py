@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                + ("" if args.no_memory_estimates else " and fake-tensor memory estimates (Ray tasks)"))
     launch.init_ray(args.address)
     pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
-                            budget=plan.Budget.detect(), estimate=not args.no_memory_estimates,
+                            budget=plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib), estimate=not args.no_memory_estimates,
                             cache_file=runner.plan_cache(args.storage), progress=runner.log)
     to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
     runner.log(f"plan: {len(to_run)} of {len(pairs)} pairs run here, every pair is recorded with its estimate "
