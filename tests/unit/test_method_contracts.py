@@ -209,3 +209,15 @@ def test_bad_config_gives_one_clear_error(method, cfg, needle):
         apply_method(method, backbones.build(spec, "meta"), spec, cfg)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["read", "lora"])
+def test_backbone_buffers_keep_their_dtype(method):
+    """A bf16 checkpoint keeps RoPE's inv_freq in fp32 (as from_pretrained loads it); the method must not round it."""
+    spec = backbones.get_spec("llama-tiny")
+    bb = backbones.build(spec, "cpu", dtype=torch.bfloat16)
+    rotary = bb.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.float()
+    model = apply_method(method, bb, spec, ROWS[method][0], n_labels=2)
+    assert model.backbone.rotary_emb.inv_freq.dtype == torch.float32
+    assert next(p for p in model.parameters() if p.requires_grad).dtype == torch.bfloat16  # new parts: backbone's

@@ -117,9 +117,13 @@ def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = 
     cfg = info.parse(cfg) if cfg is None or isinstance(cfg, dict) else cfg
     backbone.requires_grad_(False)
     first = next(backbone.parameters())
+    own_buffers = [(m, k, b) for m in backbone.modules() for k, b in m._buffers.items() if b is not None]
     with torch.device(first.device):
         model = info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or spec.anatomy.pooling)
-    return model.to(first.dtype)  # the head and side networks train in the backbone's dtype
+    model = model.to(first.dtype)  # the head and side networks in the backbone's dtype ...
+    for module, key, buffer in own_buffers:  # ... but the backbone's buffers as loaded (RoPE's fp32 inv_freq)
+        module._buffers[key] = buffer
+    return model
 
 
 def device_of(module: nn.Module) -> torch.device:
