@@ -177,6 +177,14 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("device=cuda, but no CUDA device is visible")
     if cfg.zero == "on" and get_method(cfg.method).family == "graft":
         raise ValueError(f"zero=on is for side methods' frozen backbones; {cfg.method} trains inside the backbone")
+    positions = spec.config.get("max_position_embeddings")
+    tokens = cfg.max_length + getattr(method_cfg, "n_virtual_tokens", 0)
+    if positions is not None and tokens > positions:
+        raise ValueError(f"max_length {cfg.max_length} (plus any virtual tokens: {tokens}) exceeds "
+                         f"{spec.name}'s {positions} positions")
+    # the method on a weightless copy (meta device, milliseconds even for 70B): config errors surface
+    # here, before any data, weights or output folder
+    apply_method(cfg.method, build(spec, "meta"), spec, method_cfg, n_labels=2)
     if cfg.zero == "on" and getattr(method_cfg, "importance", None) == "fisher":
         raise ValueError("zero=on: Fisher importance needs the backbone's gradients, which a partitioned "
                          "backbone does not gather; use importance=l1")

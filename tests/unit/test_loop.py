@@ -266,6 +266,8 @@ def test_unknown_method_key_is_an_error_outcome(tmp_path):
     (["--out", str(ROOT / "pyproject.toml")], "is a file"),
     (["--resume", "no/such/checkpoint"], "no checkpoint"),
     (["--method", "lst", "--set", "importance=fisher", "--run", "zero=on"], "use importance=l1"),
+    (["--method", "lora", "--set", "r=0"], "lora r=0"),  # the method's own check, before any data or folder
+    (["--backbone", "bert-tiny", "--max-length", "600"], "512 positions"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert loop.main(argv) == 2
