@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from trainables.loop import REFERENCE_LR
+from trainables.methods import get_method
 
 _CAPACITY: dict[str, dict[str, list]] = {
     "full": {},
@@ -28,7 +28,7 @@ _CAPACITY: dict[str, dict[str, list]] = {
 def space(method: str, lr_span: float = 10.0) -> dict[str, BaseDistribution]:
     if method not in _CAPACITY:
         raise ValueError(f"no search space for method {method!r}; defined: {', '.join(_CAPACITY)}")
-    ref = REFERENCE_LR[method]
+    ref = get_method(method).reference_lr
     out: dict[str, BaseDistribution] = {"lr": FloatDistribution(ref / lr_span, min(ref * lr_span, 1.0), log=True)}
     out.update({k: CategoricalDistribution(v) for k, v in _CAPACITY[method].items()})
     return out

@@ -52,19 +52,6 @@ from trainables.memory import measure_step
 from trainables.methods import apply_method, get_method
 from trainables.methods.base import Output, Taps, TaskModel, config_from_dict
 
-# Reference learning rates (METHODS.md, from the LST repo); search spaces centre on these.
-REFERENCE_LR: dict[str, float] = {
-    "full": 3e-4,
-    "adapter": 3e-4,
-    "lora": 3e-4,
-    "bitfit": 3e-4,
-    "ia3": 3e-4,
-    "prompt": 0.3,
-    "read": 3e-3,
-    "lst": 3e-3,
-    "sherl": 3e-3,
-}
-
 # The trial record (DESIGN.md, trials.parquet), in this order; null where not applicable.
 SUMMARY_KEYS: tuple[str, ...] = (
     "status", "error", "method", "backbone", "backbone_family", "task", "train_size", "seed",
@@ -108,7 +95,7 @@ class RunConfig:
     epochs: int = 3
     batch_size: int = 16
     eval_batch_size: int = 64
-    lr: float | None = None  # None: the method's reference learning rate (REFERENCE_LR)
+    lr: float | None = None  # None: the method's reference learning rate (MethodInfo.reference_lr)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
@@ -160,15 +147,13 @@ class RunConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else REFERENCE_LR[self.method]
+        return self.lr if self.lr is not None else get_method(self.method).reference_lr
 
 
 def validate(cfg: RunConfig) -> None:
     """Check names and the method config without building anything; raises ValueError naming valid values."""
     spec = get_spec(cfg.backbone)
     method_cfg = get_method(cfg.method).parse(cfg.method_config)
-    if cfg.method not in REFERENCE_LR and cfg.lr is None:
-        raise ValueError(f"method {cfg.method!r} has no reference lr; pass lr explicitly")
     if not (cfg.task in tasks.TASK_NAMES or cfg.task.startswith("file:")):
         raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, or file:PATH")
     if cfg.weights == "pretrained" and spec.local is None:

@@ -88,6 +88,7 @@ class MethodInfo:
     cacheable: bool  # the backbone taps it reads do not depend on anything that trains
     config_cls: type
     apply: Callable[..., TaskModel]
+    reference_lr: float  # METHODS.md (from the LST repo): the default lr, and the centre of its search space
     note: str = ""
     #: optional data-dependent init, run by the loop after `apply` on batches of the training split
     init_with_data: Callable[[TaskModel, Iterable[dict]], None] | None = None

@@ -40,7 +40,7 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="bitfit", family="graft", paper="Ben Zaken et al. 2021, BitFit (arXiv 2106.10199)", identity_at_init=True,
-    cacheable=False, config_cls=Config, apply=apply,
+    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
     note="ours: trains bias terms only; bias-free families (Llama) get zero-initialised biases on every "
          "block Linear, and only those train",
 ))

@@ -26,5 +26,5 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="full", family="graft", paper="full fine-tuning (baseline)", identity_at_init=True, cacheable=False,
-    config_cls=Config, apply=apply,
+    config_cls=Config, apply=apply, reference_lr=3e-4,
 ))

@@ -42,6 +42,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="ia3", family="graft", paper="Liu et al. 2022, (IA)^3 (arXiv 2205.05638)", identity_at_init=True,
-    cacheable=False, config_cls=Config, apply=apply,
+    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
     note="peft IA3Config + inject_adapter_in_model; k, v and FFN inner activation (input of the FFN output layer)",
 ))

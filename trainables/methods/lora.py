@@ -75,6 +75,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="lora", family="graft", paper="Hu et al. 2021, LoRA (arXiv 2106.09685)", identity_at_init=True,
-    cacheable=False, config_cls=Config, apply=apply,
+    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
     note="peft LoraConfig + inject_adapter_in_model; default targets: the family's q and v projections",
 ))

@@ -60,6 +60,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="prompt", family="graft", paper="Lester et al. 2021, prompt tuning (arXiv 2104.08691)",
-    identity_at_init=False, cacheable=False, config_cls=Config, apply=apply,
+    identity_at_init=False, cacheable=False, config_cls=Config, apply=apply, reference_lr=0.3,
     note="peft PromptTuningConfig (FEATURE_EXTRACTION wrapper); virtual positions dropped before pooling",
 ))

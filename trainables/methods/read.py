@@ -116,6 +116,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="read", family="side", paper="Wang et al. 2023, READ, arXiv 2305.15348", identity_at_init=True,
-    cacheable=True, config_cls=Config, apply=apply,
+    cacheable=True, config_cls=Config, apply=apply, reference_lr=3e-3,
     note="GRU over layers per token; zero-init output so step 0 equals the frozen backbone",
 ))

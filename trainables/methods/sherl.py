@@ -109,6 +109,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="sherl", family="side-late", paper="Diao et al. 2024, SHERL, arXiv 2407.07523", identity_at_init=False,
-    cacheable=True, config_cls=Config, apply=apply,
+    cacheable=True, config_cls=Config, apply=apply, reference_lr=3e-3,
     note="taps below the last block are cacheable; the frozen last block stays on the gradient path",
 ))
