@@ -1,4 +1,4 @@
-"""Energy, FLOPs and throughput of a trial: NVML or RAPL counters, FlopCounterMode, timers.
+"""Energy and FLOPs of a trial: NVML or RAPL counters, FlopCounterMode.
 
 Energy comes from hardware counters, never from a power model:
 - ``nvml``: GPU energy from NVML's total-energy counter (`nvmlDeviceGetTotalEnergyConsumption`,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -172,7 +171,7 @@ class EnergyMeter:
         self.stop()
 
 
-# --------------------------------------------------------------------------- FLOPs and throughput
+# --------------------------------------------------------------------------- FLOPs
 
 def flops_per_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
     """FLOPs of forward + backward on `batch`, counted by torch's FlopCounterMode.
@@ -188,31 +187,3 @@ def flops_per_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
         if params and loss.requires_grad:
             torch.autograd.grad(loss, params, allow_unused=True)
     return int(counter.get_total_flops())
-
-
-class Throughput:
-    """Tokens and time over training steps; waits for the GPU so times are real."""
-
-    def __init__(self, device: torch.device | str | None = None) -> None:
-        self._cuda = device is not None and torch.device(device).type == "cuda"
-        self.tokens, self.seconds, self.steps = 0, 0.0, 0
-
-    @contextlib.contextmanager
-    def step(self, tokens: int) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self._cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - start
-            self.tokens += int(tokens)
-            self.steps += 1
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 else None
-
-    @property
-    def step_time_s(self) -> float | None:
-        return self.seconds / self.steps if self.steps else None

@@ -389,7 +389,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                 task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
         for _, p in model.trainable_named_parameters():
             p.data = p.data.float()  # fp32 master weights, whatever the backbone's dtype
-        summary |= zero.param_counts(model) if partitioned else model.param_counts()
+        summary |= model.param_counts()  # full sizes also for a partitioned backbone
 
         # ---- where batches come from: the activation cache (taps computed once), else the live backbone
         readers, summary["cache_reason"] = None, (f"not cacheable: {cfg.method} trains inside the backbone"

@@ -158,28 +158,6 @@ def apply_reads(backbone: nn.Module, spec: BackboneSpec, method: str) -> list[nn
     return [] if norm is None else list(norm.parameters())
 
 
-def load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors into partitioned parameters, one at a time (rank 0's values win)."""
-    import deepspeed
-
-    for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-            p.copy_(state[name])
-
-
-def numel(p: nn.Parameter) -> int:
-    """Full element count, also for a partitioned parameter (whose local tensor is empty)."""
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """`TaskModel.param_counts`, counting partitioned parameters at their full size."""
-    head = sum(numel(p) for p in model.head.parameters())
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    return {"params_total": sum(numel(p) for p in model.parameters()), "params_trainable": trainable - head,
-            "params_head": head}
-
-
 def lockstep(work: Sequence[Any], per_rank: Sequence[int], filler: Any) -> Iterator[tuple[Any, bool]]:
     """This rank's work items, then repeats (flagged False: discard the output) until the busiest rank is done.
 

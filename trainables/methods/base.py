@@ -127,8 +127,9 @@ def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = 
     return model
 
 
-def device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def numel(p: torch.Tensor) -> int:
+    """Full element count, also for a parameter DeepSpeed ZeRO-3 partitioned (its local tensor is empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 # --------------------------------------------------------------------------- task model
@@ -210,9 +211,9 @@ class TaskModel(nn.Module, abc.ABC):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def param_counts(self) -> dict[str, int]:
-        head = sum(p.numel() for p in self.head.parameters())
-        trainable = sum(p.numel() for _, p in self.trainable_named_parameters())
-        total = sum(p.numel() for p in self.parameters())
+        head = sum(numel(p) for p in self.head.parameters())
+        trainable = sum(numel(p) for _, p in self.trainable_named_parameters())
+        total = sum(numel(p) for p in self.parameters())
         return {"params_total": total, "params_trainable": trainable - head, "params_head": head}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
