@@ -49,9 +49,6 @@ def _methods(selected: list[str] | None) -> list[str]:
     from trainables.methods import REGISTRY
 
     names = selected or list(REGISTRY)
-    unknown = sorted(set(names) - set(REGISTRY))
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(REGISTRY)}")
     return ["full", *[m for m in names if m != "full"]]  # full first: the others are relative to it
 
 
@@ -251,12 +248,37 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Calla
 }
 
 
+def check(args: argparse.Namespace) -> None:
+    """Names and numbers, before any work: a ValueError naming the bad flag and the valid values."""
+    from trainables import tasks
+    from trainables.backbones import get_spec
+    from trainables.methods import REGISTRY, get_method
+
+    for flag in ("backbone", "paper_backbone", "check_backbone"):
+        if getattr(args, flag, None):
+            get_spec(getattr(args, flag))
+    for method in args.methods or []:
+        if not get_method(method).cacheable and args.command == "cache":
+            raise ValueError(f"{method} reads no frozen taps, so it has no cache to bench; cacheable: "
+                             f"{', '.join(m for m, i in REGISTRY.items() if i.cacheable)}")
+    if getattr(args, "task", None) and not (args.task in tasks.TASK_NAMES or args.task.startswith("file:")):
+        raise ValueError(f"unknown task {args.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, or file:PATH")
+    for key, value in vars(args).items():
+        if isinstance(value, int) and not isinstance(value, bool) and key != "seed" and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be 1 or more, not {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in SUBCOMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
+    try:
+        check(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return SUBCOMMANDS[args.command][1](args)
 
 
