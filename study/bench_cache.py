@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
-from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from study import spaces
 from trainables import cache
@@ -41,20 +40,10 @@ def log(msg: str) -> None:
 
 
 def sample_hps(method: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """n draws from the study's own search space (log-uniform lr, categorical capacity)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        hp: dict[str, Any] = {}
-        for name, dist in spaces.space(method).items():
-            if isinstance(dist, FloatDistribution):
-                lo, hi = (math.log(dist.low), math.log(dist.high)) if dist.log else (dist.low, dist.high)
-                value = float(rng.uniform(lo, hi))
-                hp[name] = math.exp(value) if dist.log else value
-            elif isinstance(dist, CategoricalDistribution):
-                hp[name] = dist.choices[int(rng.integers(len(dist.choices)))]
-        out.append(hp)
-    return out
+    """n draws from the study's own search space, by Optuna's seeded random sampler."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line per method
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [study.ask(spaces.space(method)).params for _ in range(n)]
 
 
 def run_config(args: argparse.Namespace, method: str, hp: dict[str, Any], **overrides: Any) -> RunConfig:
