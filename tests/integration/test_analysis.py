@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import nbformat
-import psutil
 import pytest
+from clis import ROOT, run_cli
 from jupyter_client.kernelspec import KernelSpecManager
 
 from analysis import claims, report
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 SCALING = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-70b", "--methods", "read", "lora", "full",
            "--task", "synthetic", "--trials-per-method", "1", "--epochs", "3", "--cost-runs", "none",
            # meta-device memory estimates up to 70B take minutes on 2 cores; counts alone take seconds
@@ -34,42 +32,13 @@ FIGURES = {"01_parameter_scaling": ["parameter_scaling.png"], "02_convergence": 
            "03_memory_energy": ["memory_energy.png"], "04_quality_per_cost": ["pareto_memory.png", "pareto_params.png"]}
 
 
-def run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    """Run `python args...` in its own session and kill whatever it left behind (by PID, never by name)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        for _ in range(3):
-            left = [p for p in psutil.process_iter() if _session(p) == proc.pid]
-            if not left:
-                break
-            for p in left:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(left, timeout=10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _session(p: psutil.Process) -> int | None:
-    try:
-        return os.getsid(p.pid)
-    except (OSError, psutil.Error):
-        return None
-
-
 @pytest.fixture(scope="session")
 def studies(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("analysis-studies")
     timings = {}
     for module, args in (("study.scaling", SCALING), ("study.convergence", CONVERGENCE)):
         t0 = time.time()
-        out = run(["-m", module, *args, "--storage", str(root)], timeout=300)
+        out = run_cli(module, *args, "--storage", str(root), timeout=300)
         assert out.returncode == 0, f"{module} failed:\n{out.stderr[-4000:]}"
         timings[module] = time.time() - t0
     print(f"study timings: {timings}")
@@ -78,8 +47,8 @@ def studies(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def reported(studies) -> dict[str, Path]:
-    out = run(["-m", "analysis.report", "--scaling", str(studies["scaling"]),
-               "--convergence", str(studies["convergence"])], timeout=300)
+    out = run_cli("analysis.report", "--scaling", str(studies["scaling"]),
+                  "--convergence", str(studies["convergence"]), timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "read-params-flat" in out.stdout
     return studies

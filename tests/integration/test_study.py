@@ -8,19 +8,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import clis
 import jsonschema
 import pandas as pd
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from clis import ROOT, cli_env, kill_session, session_processes
 
 from study import schema
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hf_PLANTED_not_a_real_token_7731"
 TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-tiny", "--methods", "read", "lora",
               "--task", "synthetic", "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none",
@@ -28,45 +27,11 @@ TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-ti
 
 
 def study_env() -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_TOKEN": SECRET, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return env
+    return cli_env(HF_TOKEN=SECRET)
 
 
 def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a CLI in its own session, then make sure nothing it started outlives it."""
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=study_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        kill_session(proc.pid)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, psutil.Error, PermissionError):
-            continue
-    return out
-
-
-def kill_session(sid: int) -> None:
-    """Kill what this test started (its own session), by PID — never a broad `ray stop`."""
-    for _ in range(3):
-        procs = session_processes(sid)
-        if not procs:
-            return
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+    return clis.run_cli(module, *args, timeout=timeout, env=study_env())
 
 
 def test_tiny_study_writes_exact_schema_and_no_secrets(tmp_path):
@@ -171,19 +136,34 @@ def test_cluster_yaml_validates_and_broken_copies_fail():
         validate_config(prepare_config({**cfg, "max_workers": "many"}))
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--methods", "nope"], "valid:"),
-    (["--backbones", "gpt-17"], "valid:"),
-    (["--task", "imdb-but-not-here"], "valid:"),
-    (["--max-model", "llama-900b"], "valid:"),
-    (["--storage", "/proc/no-such-dir"], "not writable"),
-    (["--zero-ranks", "0"], "--zero-ranks must be 1 or more"),
-    (["--epochs", "0"], "--epochs"),  # refused, not replaced by the default
-    (["--batch-size", "0"], "--batch-size must be 1 or more"),
+@pytest.mark.parametrize("module,args,needle", [
+    ("scaling", ["--methods", "nope"], "valid:"),
+    ("scaling", ["--backbones", "gpt-17"], "valid:"),
+    ("scaling", ["--task", "imdb-but-not-here"], "valid:"),
+    ("scaling", ["--max-model", "llama-900b"], "valid:"),
+    ("scaling", ["--storage", "/proc/no-such-dir"], "not writable"),
+    ("scaling", ["--zero-ranks", "0"], "--zero-ranks must be 1 or more"),
+    ("scaling", ["--epochs", "0"], "--epochs"),  # refused, not replaced by the default
+    ("scaling", ["--batch-size", "0"], "--batch-size must be 1 or more"),
+    ("scaling", ["--gpu-memory-gib", "-1"], "--gpu-memory-gib must be > 0"),
+    ("convergence", ["--max-eval-examples", "0"], "--max-eval-examples"),
+    ("convergence", ["--backbone", "llama-7b"], "no offline tokenizer"),
 ])
-def test_bad_input_one_line_exit_2_nothing_written(args, needle, tmp_path):
-    out = run_cli("study.scaling", "--storage", str(tmp_path / "r"), *args, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], out.stderr
-    assert not (tmp_path / "r" / "scaling").exists()
+def test_bad_input_one_line_exit_2_nothing_written(module, args, needle, tmp_path, capsys):
+    """In-process (the checks run before Ray starts); one case below runs as a real process."""
+    import importlib
+
+    from study import runner
+
+    main = importlib.import_module(f"study.{module}").main
+    code = runner.main_guard(lambda: main(["--storage", str(tmp_path / "r"), *args]))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_bad_input_exits_2_from_a_real_process(tmp_path):
+    out = run_cli("study.scaling", "--storage", str(tmp_path / "r"), "--methods", "nope", timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and out.stderr.count("\n") == 1, out.stderr
