@@ -387,7 +387,8 @@ def convergence_verdicts(trials: pd.DataFrame, epochs: pd.DataFrame, method: str
     Comparators default to LoRA, adapter and full FT, then any other method in the table.
     """
     rule = ("bootstrap 95% CI of mean(READ − other epochs-to-target) entirely > 0 → supported; "
-            f"entirely <= 0 → not supported; otherwise, or fewer than {MIN_PAIRS} pairs → inconclusive")
+            f"entirely <= 0 → not supported, unless most {method} trials peaked at their last epoch; otherwise, "
+            f"or fewer than {MIN_PAIRS} pairs → inconclusive")
     table = convergence_table(trials, epochs)
     present = list(dict.fromkeys(table["method"]))
     if method not in present:
@@ -411,6 +412,8 @@ def convergence_verdicts(trials: pd.DataFrame, epochs: pd.DataFrame, method: str
             mine = table[(table["method"] == method) & (table["backbone"] == backbone)
                          & (table["train_size"] == size)]
             censored = int((mine["best_epoch_epochs"] == mine["last_epoch"]).sum())
+            if verdict == NOT_SUPPORTED and 2 * censored > len(mine):
+                verdict = INCONCLUSIVE  # most were still improving when the budget ended: not "converged sooner"
             mean = float(g["diff"].mean())
             ci_text = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "n/a"
             out.append(Verdict(

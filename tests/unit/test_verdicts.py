@@ -145,6 +145,16 @@ def test_read_faster_is_not_supported(tmp_path):
     assert all(v.ci[1] <= 0 for v in verdicts)
 
 
+def test_read_faster_but_still_improving_at_the_budget_is_inconclusive(tmp_path):
+    trials, epochs = convergence_rows(read_reach=1, lora_reach=5, sizes=(32,))
+    creeping = [0.86, 0.87, 0.88, 0.885, 0.89, 0.9]  # within 5% of its best at epoch 1, best at the last
+    for e in epochs:
+        if e["method"] == "read":
+            e["eval_metric"] = creeping[e["epoch"] - 1]
+    (v,) = claims.convergence_verdicts(*roundtrip(tmp_path, trials, epochs))
+    assert v.ci[1] <= 0 and v.verdict == claims.INCONCLUSIVE and v.details["read_best_at_last_epoch"] == 4
+
+
 def test_one_pair_is_inconclusive(tmp_path):
     trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1, seeds=(0,), sizes=(32,)))
     (v,) = claims.convergence_verdicts(trials, epochs)
@@ -156,6 +166,8 @@ def test_difference_rule_and_seeded_bootstrap():
     assert claims.difference_rule(5, (-1.0, 0.0)) == claims.NOT_SUPPORTED
     assert claims.difference_rule(5, (-1.0, 1.0)) == claims.INCONCLUSIVE
     assert claims.difference_rule(1, (1.0, 1.0)) == claims.INCONCLUSIVE
+    assert claims.difference_rule(claims.MIN_PAIRS - 1, (0.1, 2.0)) == claims.INCONCLUSIVE
+    assert claims.difference_rule(claims.MIN_PAIRS, (0.1, 2.0)) == claims.SUPPORTED
     values = [1, 2, 0, 3, 1, 2]
     assert claims.bootstrap_ci(values, seed=3) == claims.bootstrap_ci(values, seed=3)
     lo, hi = claims.bootstrap_ci(values)
