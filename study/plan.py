@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from study.count import count
 from trainables import backbones
-from trainables.methods import apply_method, get_method
+from trainables.methods import get_method
 
 
 @dataclass(frozen=True)
@@ -74,17 +75,16 @@ def describe(method: str, backbone: str) -> dict[str, Any]:
             "backbone_family": spec.family, "backbone_layers": spec.n_layers, "backbone_width": spec.d_model}
 
 
+def param_counts(method: str, backbone: str) -> dict[str, int]:
+    """The default config's counts, as `python -m study.count` gives them (meta device)."""
+    return {k: v for k, v in count(backbone, method).items() if k in ("params_total", "params_trainable", "params_head")}
+
+
 def block_params(spec: backbones.BackboneSpec) -> int:
     """Parameters in the blocks: what costs compute per token (embeddings are a lookup)."""
     model = backbones.build(spec, "meta")
     blocks = spec.anatomy.get(model, "blocks")
     return sum(p.numel() for p in blocks.parameters())
-
-
-def counts(method: str, backbone: str, method_config: dict | None = None, n_labels: int = 2) -> dict[str, int]:
-    spec = backbones.get_spec(backbone)
-    model = apply_method(method, backbones.build(spec, "meta"), spec, method_config or {}, n_labels=n_labels)
-    return model.param_counts()
 
 
 def _code_fingerprint() -> str:
@@ -166,6 +166,6 @@ def plan_pairs(methods: Sequence[str], backbone_names: Sequence[str], *, batch_s
             elif mem and mem["peak_memory_bytes"] > budget.memory_bytes:
                 reason = (f"needs {mem['peak_memory_bytes'] / 2**30:.1f} GiB (estimated) > "
                           f"{budget.memory_bytes / 2**30:.1f} GiB per trial")
-            plans.append(PairPlan(method, name, "pretrained" if spec.local else "random", counts(method, name),
+            plans.append(PairPlan(method, name, "pretrained" if spec.local else "random", param_counts(method, name),
                                   mem, not reason, reason, resources, batch_size, seq_len))
     return plans
