@@ -79,6 +79,8 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[
         rec["epoch"] = int(rec["epoch"])
         if rec.get("tokens_seen") is not None:
             rec["tokens_seen"] = int(rec["tokens_seen"])
+    # a restored trial can report an epoch again (its result history is replayed): the last report wins
+    epochs = list({(rec["trial_id"], rec["epoch"]): rec for rec in epochs}.values())
     return trials, epochs
 
 

@@ -151,8 +151,13 @@ class Rank:
 def start_ranks(ranks: int, cpus: int = 1, gpus: float = 0) -> list[Any]:
     """`ranks` actors joined into one torch.distributed group (rank 0's node is the master)."""
     actors = [Rank.options(num_cpus=cpus, num_gpus=gpus).remote() for _ in range(ranks)]
-    master = ray.get(actors[0].address.remote())
-    ray.get([a.join.remote(r, ranks, master) for r, a in enumerate(actors)])
+    try:
+        master = ray.get(actors[0].address.remote())
+        ray.get([a.join.remote(r, ranks, master) for r, a in enumerate(actors)])
+    except BaseException:  # none left holding a device
+        for a in actors:
+            ray.kill(a)
+        raise
     return actors
 
 
