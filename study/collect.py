@@ -61,6 +61,8 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[
         row.update(study=study, trial_id=trial_id, created_at=now, task=run.get("task"), weights=weights,
                    train_size=run.get("train_size"), seed=run.get("seed"), max_length=run.get("max_length"),
                    batch_size=run.get("batch_size"), epochs=run.get("epochs"))
+        if row.get("pooling") is None:  # failed before the model was built: what was asked
+            row["pooling"] = run.get("pooling")
         if result.error is not None and row.get("status", "ok") == "ok":
             row.update(status="error", error=_one_line(result.error))
         row.setdefault("status", "error" if not last else "ok")

@@ -22,6 +22,7 @@ import torch
 from study.count import count
 from trainables import backbones
 from trainables.methods import get_method
+from trainables.methods.base import default_pooling
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class PairPlan:
     def estimated_row(self) -> dict[str, Any]:
         """The plan as a trials.parquet row: default-config counts and memory, status `estimated`."""
         return {**describe(self.method, self.backbone), "weights": self.weights, "status": "estimated",
+                "pooling": default_pooling(backbones.get_spec(self.backbone)),
                 "error": None if self.runnable else self.reason, "batch_size": self.batch_size,
                 "max_length": self.seq_len, **self.counts, **(self.memory or {})}
 

@@ -66,7 +66,7 @@ def needs_of(group: Group) -> list[Need]:
     loop.seed_everything(cfg.seed)
     # random weights are named by their values: draw them as the trial will; pretrained ones need no weights
     backbone = build(spec, "cpu" if weights == "random" else "meta", dtype=dtype)
-    model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels)
+    model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels, pooling=cfg.pooling)
     keys = cache.trial_keys(model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights)
     zero_on = cfg.zero == "on" or (cfg.zero == "auto" and device.type == "cuda" and torch.cuda.is_available()
                                    and zero.needed(spec, dtype, device))

@@ -22,6 +22,7 @@ _CAPACITY: dict[str, dict[str, list]] = {
     "read": {"m.hidden_size": [64, 128, 256]},
     "lst": {"m.r": [4, 8]},
     "sherl": {"m.r": [4, 8]},
+    "probe": {},
 }
 
 

@@ -50,11 +50,11 @@ from trainables.backbones import BackboneSpec, build, get_spec, load_tokenizer
 from trainables.energy import EnergyMeter, flops_per_step
 from trainables.memory import measure_step
 from trainables.methods import apply_method, get_method
-from trainables.methods.base import Output, Taps, TaskModel, config_from_dict
+from trainables.methods.base import Output, Pooling, Taps, TaskModel, config_from_dict
 
 # The trial record (DESIGN.md, trials.parquet), in this order; null where not applicable.
 SUMMARY_KEYS: tuple[str, ...] = (
-    "status", "error", "method", "backbone", "backbone_family", "task", "train_size", "seed",
+    "status", "error", "method", "backbone", "backbone_family", "task", "train_size", "seed", "pooling",
     "metric_name", "best_metric", "best_epoch", "final_metric", "epochs_run", "epochs_to_target",
     "params_total", "params_trainable", "params_head",
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
@@ -73,7 +73,7 @@ Status = Literal["ok", "oom", "diverged", "error"]
 Report = Callable[[dict[str, Any], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
 # Settings a checkpoint must share with the run that resumes it (others, e.g. epochs, may change).
-RESUME_MUST_MATCH = ("backbone", "method", "method_config", "task", "train_size", "max_length", "seed",
+RESUME_MUST_MATCH = ("backbone", "method", "method_config", "task", "train_size", "max_length", "pooling", "seed",
                      "batch_size", "lr", "weight_decay", "text_col", "label_col")
 
 
@@ -91,6 +91,7 @@ class RunConfig:
     label_col: str = "label"
     train_size: int | None = 1000
     max_length: int = 64
+    pooling: Pooling | None = None  # None: the checkpoint's own (methods.base.default_pooling)
     weights: Literal["auto", "pretrained", "random"] = "auto"  # auto: pretrained when available offline
     epochs: int = 3
     batch_size: int = 16
@@ -169,7 +170,7 @@ def validate(cfg: RunConfig) -> None:
                          f"{spec.name}'s {positions} positions")
     # the method on a weightless copy (meta device, milliseconds even for 70B): config errors surface
     # here, before any data, weights or output folder
-    apply_method(cfg.method, build(spec, "meta"), spec, method_cfg, n_labels=2)
+    apply_method(cfg.method, build(spec, "meta"), spec, method_cfg, n_labels=2, pooling=cfg.pooling)
     if cfg.zero == "on" and getattr(method_cfg, "importance", None) == "fisher":
         raise ValueError("zero=on: Fisher importance needs the backbone's gradients, which a partitioned "
                          "backbone does not gather; use importance=l1")
@@ -383,7 +384,9 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         side = info.family != "graft"  # frozen backbone read, never trained
         backbone, partitioned = frozen_backbone(cfg, spec, device, dtype, weights)
         with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
-            model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels)
+            model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels,
+                                 pooling=cfg.pooling)
+        summary["pooling"] = model.pooling
         if info.init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
             info.init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
                 task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))

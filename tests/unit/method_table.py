@@ -19,4 +19,5 @@ ROWS: dict[str, tuple[dict[str, Any], float]] = {
     "read": ({"hidden_size": 32}, 1e-2),
     "lst": ({"r": 4}, 3e-3),
     "sherl": ({"r": 4}, 3e-3),
+    "probe": ({}, 1e-1),
 }

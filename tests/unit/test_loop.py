@@ -88,7 +88,8 @@ def test_method_trains_and_writes_the_documented_records(method, backbone, tmp_p
     assert list(on_disk) == list(SUMMARY_KEYS) and on_disk == summary
     assert summary["epochs_run"] == EPOCHS and summary["final_metric"] == epochs[-1]["eval_metric"]
     assert summary["best_metric"] == max(r["eval_metric"] for r in epochs)
-    assert summary["params_trainable"] > 0 and summary["params_head"] > 0 and summary["flops_per_step"] > 0
+    assert (summary["params_trainable"] > 0 or method == "probe") and summary["params_head"] > 0
+    assert summary["flops_per_step"] > 0
     assert summary["backbone_family"] == ("llama" if backbone == "llama-tiny" else "bert")
     assert summary["peak_memory_bytes"] is None and summary["memory_source"] is None  # measure_memory=False
     # one report per epoch; each carries the epoch's values plus the running summary

@@ -7,6 +7,7 @@ from trainables.methods import (  # noqa: F401  (imported for registration)
     ia3,
     lora,
     lst,
+    probe,
     prompt,
     read,
     sherl,

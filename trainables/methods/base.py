@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -111,16 +114,60 @@ def get_method(name: str) -> MethodInfo:
     return REGISTRY[name]
 
 
+# --------------------------------------------------------------------------- pooling
+
+# sentence-transformers' Pooling config keys, in the order its own Pooling module checks them
+_ST_POOLING = (("pooling_mode_cls_token", "first"), ("pooling_mode_lasttoken", "last"),
+               ("pooling_mode_mean_tokens", "mean"))
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_pooling(folder: str | Path | None, fallback: Pooling) -> Pooling:
+    """The pooling a checkpoint was trained with: its sentence-transformers Pooling config if it has one
+    (all-MiniLM-L6-v2: mean), else `fallback`, the family's convention (BERT: first token, decoders: last).
+
+    `modules.json` names the Pooling module's folder (usually `1_Pooling`). Modes this task head
+    cannot express (max, mean-sqrt-len, weighted) fall back to mean, the nearest.
+    """
+    if folder is None:
+        return fallback
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except FileNotFoundError:
+        return fallback
+    for module in modules:
+        if module.get("type", "").endswith("models.Pooling"):
+            cfg = json.loads((folder / module.get("path", "1_Pooling") / "config.json").read_text())
+            return next((mode for key, mode in _ST_POOLING if cfg.get(key)), "mean")
+    return fallback
+
+
+def default_pooling(spec: BackboneSpec) -> Pooling:
+    """The checkpoint's own pooling for a backbone with offline weights here, else the family's."""
+    folder = None
+    if spec.local is not None:
+        from trainables.assets import AssetError, asset_path  # local import: meta counting needs no assets
+
+        try:
+            folder = str(asset_path(spec.local))
+        except AssetError:
+            folder = None
+    return checkpoint_pooling(folder, spec.anatomy.pooling)
+
+
 def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = None, *, n_labels: int = 2,
                  pooling: Pooling | None = None) -> TaskModel:
-    """Freeze the backbone, then let the method add what trains; new modules land on the backbone's device."""
+    """Freeze the backbone, then let the method add what trains; new modules land on the backbone's device.
+
+    `pooling` None: the checkpoint's own (`default_pooling`)."""
     info = get_method(name)
     cfg = info.parse(cfg) if cfg is None or isinstance(cfg, dict) else cfg
     backbone.requires_grad_(False)
     first = next(backbone.parameters())
     own_buffers = [(m, k, b) for m in backbone.modules() for k, b in m._buffers.items() if b is not None]
     with torch.device(first.device):
-        model = info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or spec.anatomy.pooling)
+        model = info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or default_pooling(spec))
     model = model.to(first.dtype)  # the head and side networks in the backbone's dtype ...
     for module, key, buffer in own_buffers:  # ... but the backbone's buffers as loaded (RoPE's fp32 inv_freq)
         module._buffers[key] = buffer

@@ -1,0 +1,123 @@
+"""Fair comparisons (issue 13): pooling from the checkpoint, the probe floor, SHERL's taps, seeds and CIs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_side_methods import batch, build, jiggle
+
+from trainables import backbones
+from trainables.methods import apply_method, collect_taps
+from trainables.methods.base import Taps, checkpoint_pooling, default_pooling
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _sentence_transformers_folder(tmp_path, **modes):
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    cfg = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_lasttoken": False}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(cfg | modes))
+    return tmp_path
+
+
+@pytest.mark.parametrize("mode,expected", [("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "first"),
+                                           ("pooling_mode_lasttoken", "last")])
+def test_checkpoint_pooling_reads_the_sentence_transformers_config(tmp_path, mode, expected):
+    folder = _sentence_transformers_folder(tmp_path, **{mode: True})
+    assert checkpoint_pooling(str(folder), "first") == expected
+
+
+def test_checkpoint_without_a_pooling_config_uses_the_family_convention(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert checkpoint_pooling(str(tmp_path), "last") == "last"
+    assert checkpoint_pooling(None, "first") == "first"
+    assert default_pooling(backbones.get_spec("bert-base")) == "first"  # plain BERT: [CLS]
+    assert default_pooling(backbones.get_spec("smollm2-135m@L2")) == "last"  # decoder: last real token
+
+
+def test_minilm_checkpoint_pools_the_mean():
+    """all-MiniLM-L6-v2 was trained with mean pooling; its own 1_Pooling/config.json says so."""
+    spec = backbones.get_spec("minilm-l6")
+    assert default_pooling(spec) == "mean"
+    assert apply_method("read", backbones.build(spec, "meta"), spec, {}).pooling == "mean"
+    assert apply_method("read", backbones.build(spec, "meta"), spec, {}, pooling="first").pooling == "first"
+
+
+@pytest.mark.parametrize("pooling,depends", [("mean", True), ("first", False)])
+def test_read_reads_a_middle_token_only_under_mean_pooling(pooling, depends):
+    """Randomise one middle position's taps: READ's logits move under mean pooling, not under [CLS]."""
+    model = build("read", "bert-tiny", {"hidden_size": 16}, pooling=pooling)
+    jiggle(model)
+    model.eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        taps = collect_taps(model.backbone, model.spec, ids, mask, model.tap_layers())
+        base = model.forward_taps(taps).logits
+        hidden = {i: h.clone() for i, h in taps.hidden.items()}
+        for i in model.tap_layers()[:-1]:  # the correction's input only; the final tap stays as it was
+            hidden[i][:, 2] = torch.randn_like(hidden[i][:, 2]) * 3
+        moved = model.forward_taps(Taps(hidden, taps.attention_mask)).logits
+    changed = (moved - base).abs().amax(dim=-1) > 1e-5
+    assert bool(changed.all()) is depends, (pooling, changed)
+
+
+# ----------------------------------------------------------------------------- the probe floor
+
+
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Unregularised multinomial logistic regression fitted to convergence with L-BFGS (float64)."""
+    x, w = x.double(), torch.zeros(x.shape[1] + 1, 2, dtype=torch.float64, requires_grad=True)
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xb @ w, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        logits = xb @ w
+        return logits, torch.nn.functional.cross_entropy(logits, y).item()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_probe_reaches_the_logistic_regression_optimum(pooling):
+    """The probe is exactly a linear classifier on the pooled frozen features: trained long enough it lands
+    on logistic regression's optimum (fitted independently, from the backbone's own last_hidden_state)."""
+    model = build("probe", "bert-tiny", pooling=pooling)
+    g = torch.Generator().manual_seed(3)
+    n, t = 300, 12  # 300 examples > 2·64 dims with random labels: not separable, so the optimum is finite
+    ids = torch.randint(3, 2000, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[torch.arange(n) % 3 == 0, 8:] = 0
+    y = torch.randint(0, 2, (n,), generator=g)
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        x = (hidden * m).sum(1) / m.sum(1) if pooling == "mean" else hidden[:, 0]
+        taps = collect_taps(model.backbone, model.spec, ids, mask, model.tap_layers())
+    ref_logits, ref_loss = _logistic_regression(x, y)
+    assert [n for n, _ in model.trainable_named_parameters()] == ["head.weight", "head.bias"]
+    opt = torch.optim.Adam([p for _, p in model.trainable_named_parameters()], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / 2000)
+    for _ in range(2000):
+        opt.zero_grad()
+        loss = model.forward_taps(taps, y).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        out = model.forward_taps(taps, y)
+    assert out.loss.item() == pytest.approx(ref_loss, abs=2e-3)
+    margin = lambda z: z[:, 1] - z[:, 0]  # noqa: E731  (logits are defined up to a shift; the margin is not)
+    agree = (margin(out.logits.double()).sign() == margin(ref_logits).sign()).double().mean().item()
+    assert agree >= 0.98
+    torch.testing.assert_close(margin(out.logits.double()), margin(ref_logits), atol=0.15, rtol=0.05)
