@@ -121,3 +121,38 @@ def test_probe_reaches_the_logistic_regression_optimum(pooling):
     agree = (margin(out.logits.double()).sign() == margin(ref_logits).sign()).double().mean().item()
     assert agree >= 0.98
     torch.testing.assert_close(margin(out.logits.double()), margin(ref_logits), atol=0.15, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- SHERL's taps
+
+
+@pytest.mark.parametrize("backbone,layers", [("llama-tiny", 2), ("minilm-l6", 6), ("bert-tiny", 2)])
+def test_sherl_reads_phi_0_to_phi_L_minus_1_with_the_deepest_as_guide(backbone, layers):
+    """The reference feeds φ_0 … φ_{L−1}: K = L taps, each with its own gated down-projection; φ_{L−1} is
+    the guide and the skip, never φ_L. On a 2-block backbone the early route reads the embedding and block 0."""
+    model = build("sherl", backbone, {"r": 4}, device="meta")
+    assert model.spec.n_layers == layers
+    assert model.tap_layers() == list(range(layers))
+    assert model.taps == list(range(layers - 1))  # shallow taps, weighed against the guide
+    d, w = model.spec.d_model, model.spec.d_model // 4
+    k = layers  # (K+1)·d·d' + 2K·d'² weights (METHODS.md) plus their biases, w·c, β and the norm
+    norm = sum(p.numel() for p in model.norm.parameters())
+    expected = (k + 1) * d * w + 2 * k * w * w + k * 3 * w + (w + 1) + d + 1 + norm
+    assert model.param_counts()["params_trainable"] == expected
+
+
+def test_sherl_guide_and_skip_are_the_deepest_tap():
+    """Perturb φ_{L−1} and the output moves even with the skip closed (the guide reads it); perturb a
+    shallow tap and the output moves only through the weighted sum."""
+    model = build("sherl", "bert-tiny", {"r": 4})
+    jiggle(model, 0.2)
+    model.eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        model.beta.fill_(-10.0)  # tanh(β/0.1) = −1: skip on, sign aside
+        taps = collect_taps(model.backbone, model.spec, ids, mask, model.tap_layers())
+        base = model.forward_taps(taps).logits
+        for i in model.tap_layers():
+            hidden = {j: h.clone() for j, h in taps.hidden.items()}
+            hidden[i] = hidden[i] + torch.randn_like(hidden[i])
+            assert not torch.allclose(model.forward_taps(Taps(hidden, taps.attention_mask)).logits, base), i

@@ -1,19 +1,26 @@
 """SHERL: a cheap adapter merges early taps; only the backbone's last block is backpropagated.
 
 Paper: Diao et al., "SHERL: Synthesizing High Accuracy and Efficient Memory for
-Resource-Limited Transfer Learning", ECCV 2024, arXiv 2407.07523. Reference r=8, lr 3e-3.
+Resource-Limited Transfer Learning", ECCV 2024, arXiv 2407.07523; reference code
+github.com/Paranioar/SHERL (both versions). Reference r=8, lr 3e-3, weight decay 0.
 
-Early route, per token: taps F = φ_k for k in `taps` (default 0 … L−2), each through a
-gated down-projection z_k; anti-redundancy weighting against the deepest z as guide
-gives c; m = W_out ReLU(c) + b_out + tanh(β/0.1)·φ_{L−1} (β = 0: the skip starts closed).
-Late route: the frozen last block runs on m (on the autograd graph), then a trainable
-norm, pooling, head. Everything below the last block is cacheable.
+Early route, per token: taps F = φ_0 … φ_{L−1} (the embedding output and every block's output
+but the last's, as the reference feeds them; K = L), each through its own gated
+down-projection z_k. The deepest, z_{L−1}, is the guide g; the shallow taps z_0 … z_{L−2}
+(or the subset `taps`) are weighted against it: ρ_k = Σ_j ReLU(cos(z_k, z_j)) over the
+shallow taps (j = k included), a_k = ReLU(wᵀ(z_k ⊙ g) + c) / ρ_k, ã = a / (Σa + 1e-6),
+c = g + Σ_k ã_k z_k. Then m = W_out ReLU(c) + b_out + tanh(β/0.1)·φ_{L−1} (β = 0: the skip
+starts closed). Late route: the frozen last block runs on m (on the autograd graph), then a
+trainable norm, pooling, head. Everything below the last block is cacheable.
+
+Learning rate: the reference's 3e-3 is for its batch sizes (32–128); checked at this study's
+batch 16 on MiniLM-L6 (study/spaces.py), where the search spans 3e-4–3e-2.
 
 Deviations:
-- Redundancy ρ_k and the weighted sum run over all K taps, the guide included (K = 1 works).
 - ρ_k is clamped at 1e-6 before dividing, so an all-zero z_k cannot give NaN.
 - The trainable norm starts as a copy of the backbone's final norm (Llama), so m = φ_{L−1}
   would reproduce the backbone; BERT has no final norm, so a fresh LayerNorm.
+- `taps` may choose a subset of the shallow taps (an ablation; the reference reads all).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from trainables.methods.lst import side_norm
 @dataclass(frozen=True)
 class Config:
     r: int = 8  # adapter width d' = d / r
-    taps: tuple[int, ...] = ()  # φ indices read by the early route, within 0..L-2; () = all
+    taps: tuple[int, ...] = ()  # shallow φ indices weighed against the guide φ_{L-1}, within 0..L-2; () = all
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -63,9 +70,9 @@ class SherlModel(SideModel):
         bad = [k for k in cfg.taps if not 0 <= k <= n - 2]
         if bad:
             raise ValueError(f"sherl: taps {bad} out of range; valid φ indices are 0..{n - 2}")
-        self.taps = sorted(set(cfg.taps)) or list(range(n - 1))
+        self.taps = sorted(set(cfg.taps)) or list(range(n - 1))  # shallow; the guide is φ_{L-1}
         width = d // cfg.r
-        self.downs = nn.ModuleList(GatedDown(d, width) for _ in self.taps)
+        self.downs = nn.ModuleList(GatedDown(d, width) for _ in self.tap_layers())
         self.score = nn.Linear(width, 1)  # w, c of a_k = ReLU(wᵀ(z_k ⊙ g) + c) / ρ_k
         self.out = nn.Linear(width, d)
         self.beta = nn.Parameter(torch.zeros(1))
@@ -82,13 +89,14 @@ class SherlModel(SideModel):
     def mix(self, taps: Taps) -> torch.Tensor:
         """m: the early route's output, input to the last block (B×T×d)."""
         dtype = self.head.weight.dtype
-        z = torch.stack([down(taps.hidden[k].to(dtype)) for k, down in zip(self.taps, self.downs, strict=True)])
-        guide = z[-1]
-        unit = F.normalize(z, dim=-1)
+        layers = self.tap_layers()
+        z = torch.stack([down(taps.hidden[k].to(dtype)) for k, down in zip(layers, self.downs, strict=True)])
+        shallow, guide = z[:-1], z[-1]  # guide: the deepest tap, φ_{L-1}
+        unit = F.normalize(shallow, dim=-1)
         rho = F.relu(torch.einsum("kbtd,jbtd->kjbt", unit, unit)).sum(1).clamp_min(1e-6)
-        a = F.relu(self.score(z * guide).squeeze(-1)) / rho  # K×B×T
+        a = F.relu(self.score(shallow * guide).squeeze(-1)) / rho  # (K-1)×B×T
         a = a / (a.sum(0, keepdim=True) + 1e-6)
-        c = guide + (a.unsqueeze(-1) * z).sum(0)
+        c = guide + (a.unsqueeze(-1) * shallow).sum(0)
         skip = taps.hidden[self.spec.n_layers - 1].to(dtype)
         return self.out(F.relu(c)) + torch.tanh(self.beta / 0.1) * skip
 
