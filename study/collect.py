@@ -8,6 +8,7 @@ have guessed types. Works on a finished, an interrupted or a resumed study alike
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from study import schema
 from study.plan import describe
 from trainables import backbones
+from trainables.methods import get_method
+from trainables.methods.base import config_to_dict
 
 _TRIAL_KEYS = set(schema.TRIAL_COLUMNS)
 
@@ -33,6 +36,14 @@ def environment() -> dict[str, Any]:
         sha = None
     return {"git_sha": sha, "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "ray_version": ray.__version__, "deepspeed_version": deepspeed.__version__}
+
+
+def method_config_json(method: str, values: dict[str, Any] | None) -> str | None:
+    """The method's whole config (defaults included) as JSON: e.g. LST's importance and layer drop."""
+    try:
+        return json.dumps(config_to_dict(get_method(method).parse(values)), sort_keys=True, default=str)
+    except ValueError:
+        return None
 
 
 def _one_line(error: Any) -> str | None:
@@ -63,6 +74,7 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[
                    batch_size=run.get("batch_size"), epochs=run.get("epochs"))
         if row.get("pooling") is None:  # failed before the model was built: what was asked
             row["pooling"] = run.get("pooling")
+        row["method_config"] = method_config_json(run["method"], run.get("method_config"))
         if result.error is not None and row.get("status", "ok") == "ok":
             row.update(status="error", error=_one_line(result.error))
         row.setdefault("status", "error" if not last else "ok")

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                "batch_size": args.batch_size, "seed": args.seed, "max_eval_examples": s.max_eval_examples,
                "epochs": s.cost_epochs if cost_only else s.epochs,
                "max_train_batches": s.cost_batches if cost_only else None, "weights": p.weights}
-        groups.append(Group(name=f"{p.method}|{p.backbone}", run=run, space=spaces.space(p.method),
+        groups.append(Group(name=f"{p.method}|{p.backbone}", run=run,
+                            space=spaces.space(p.method, backbones.get_spec(p.backbone).family),
                             n_trials=1 if cost_only else s.trials_per_method, resources=p.resources))
     plan_info = {"study": name, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
                  "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,

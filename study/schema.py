@@ -39,6 +39,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("seed", pa.int64()),
     pa.field("max_length", pa.int64()),
     pa.field("pooling", pa.string()),  # first | last | mean: what the task head read
+    pa.field("method_config", pa.string()),  # the method's whole config as JSON (defaults included)
     pa.field("batch_size", pa.int64()),
     pa.field("epochs", pa.int64()),
     pa.field("status", pa.string(), nullable=False),

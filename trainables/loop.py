@@ -96,7 +96,7 @@ class RunConfig:
     epochs: int = 3
     batch_size: int = 16
     eval_batch_size: int = 64
-    lr: float | None = None  # None: the method's reference learning rate (MethodInfo.reference_lr)
+    lr: float | None = None  # None: the method's reference learning rate on this family (MethodInfo.lr_for)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
@@ -148,7 +148,7 @@ class RunConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else get_method(self.method).reference_lr
+        return self.lr if self.lr is not None else get_method(self.method).lr_for(get_spec(self.backbone).family)
 
 
 def validate(cfg: RunConfig) -> None:

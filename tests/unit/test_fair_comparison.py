@@ -156,3 +156,47 @@ def test_sherl_guide_and_skip_are_the_deepest_tap():
             hidden = {j: h.clone() for j, h in taps.hidden.items()}
             hidden[i] = hidden[i] + torch.randn_like(hidden[i])
             assert not torch.allclose(model.forward_taps(Taps(hidden, taps.attention_mask)).logits, base), i
+
+
+# ----------------------------------------------------------------------------- LST as its reference
+
+
+@pytest.mark.parametrize("backbone", ["llama-tiny", "bert-tiny"])
+def test_lst_output_norm_is_the_pruned_backbone_norm(backbone):
+    from trainables.methods.lst import prune_init
+
+    model = build("lst", backbone, {"r": 4, "init": "random"})
+    with torch.no_grad():  # make the backbone's norm distinguishable from a fresh one
+        for p in model.backbone.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    chosen = prune_init(model)
+    res = chosen[model.kept[-1]]["res"]
+    src = (model.backbone.norm if backbone == "llama-tiny"
+           else model.spec.anatomy.get(model.backbone, "blocks")[-1].output.LayerNorm)
+    for name, p in src.named_parameters():
+        torch.testing.assert_close(dict(model.norm.named_parameters())[name], p[res])
+
+
+def test_lst_reference_layer_drop():
+    """The reference drops every 4th block from the first (T5-base: 0, 4, 8 of 12)."""
+    assert build("lst", "minilm-l6", {"drop_every": 4}, device="meta").kept == [1, 2, 3, 5]
+    assert build("lst", "smollm2-135m@L16", {"drop_every": 4}, device="meta").kept == [
+        j for j in range(16) if j % 4]
+    assert build("lst", "minilm-l6", {}, device="meta").kept == list(range(6))
+
+
+# ----------------------------------------------------------------------------- reference hyperparameters
+
+
+def test_reference_lrs_per_family_and_search_spaces_contain_them():
+    from study.spaces import space
+    from trainables.methods import REGISTRY, get_method
+
+    assert get_method("full").lr_for("bert") == get_method("full").lr_for("llama") == 2e-5
+    assert (get_method("lora").lr_for("bert"), get_method("lora").lr_for("llama")) == (5e-4, 2e-4)
+    assert 1e-4 <= get_method("read").lr_for("bert") <= 1e-3  # READ's authors' range
+    assert "m.scale" in space("read")  # READ's output scale is searched
+    for name in REGISTRY:
+        for family in ("bert", "llama"):
+            lr = space(name, family)["lr"]
+            assert lr.low < get_method(name).lr_for(family) < lr.high, (name, family)

@@ -2,7 +2,8 @@
 
 Paper: "Parameter-Efficient Transfer Learning for NLP", Houlsby, Giurgiu, Jastrzebski,
 Morrone, de Laroussilhe, Gesmundo, Attariyan, Gelly; arXiv 1902.00751.
-Reference lr 3e-4 (LST repo). peft has no Houlsby adapter, so this one is ours.
+Reference lr 3e-4: the middle of the paper's BERT sweep {3e-5, 3e-4, 3e-3} (Sec. 3.1), also the
+LST repo's value. peft has no Houlsby adapter, so this one is ours.
 
 Each adapter is a child module (`adapter`) of the projection it follows, run by a forward
 hook on that projection, so the backbone's own parameter names (and pretrained loading)

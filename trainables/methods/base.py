@@ -91,13 +91,19 @@ class MethodInfo:
     cacheable: bool  # the backbone taps it reads do not depend on anything that trains
     config_cls: type
     apply: Callable[..., TaskModel]
-    reference_lr: float  # METHODS.md (from the LST repo): the default lr, and the centre of its search space
+    reference_lr: float  # the default lr and the centre of its search space; its source is in the module
     note: str = ""
+    #: per backbone family where the literature differs, e.g. (("bert", 5e-4), ("llama", 2e-4)) for LoRA
+    lr_by_family: tuple[tuple[str, float], ...] = ()
     #: optional data-dependent init, run by the loop after `apply` on batches of the training split
     init_with_data: Callable[[TaskModel, Iterable[dict]], None] | None = None
 
     def parse(self, values: dict[str, Any] | None = None) -> Any:
         return config_from_dict(self.config_cls, values)
+
+    def lr_for(self, family: str | None) -> float:
+        """The reference learning rate on a backbone family (the module says where each comes from)."""
+        return dict(self.lr_by_family).get(family, self.reference_lr) if family else self.reference_lr
 
 
 REGISTRY: dict[str, MethodInfo] = {}

@@ -1,7 +1,8 @@
 """BitFit: only the bias terms train.
 
 Paper: "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
-Language-models", Ben Zaken, Ravfogel, Goldberg; arXiv 2106.10199. Reference lr 3e-4 (LST repo).
+Language-models", Ben Zaken, Ravfogel, Goldberg; arXiv 2106.10199. Reference lr 4e-4: the
+paper's BERT grid is {1e-4, 4e-4, 7e-4, 1e-3} (Sec. 3, App. A); the search spans it.
 
 BERT: every existing bias of the backbone trains (attention, FFN and LayerNorm biases,
 embedding LayerNorm included), as in the paper. Llama has NO biases (its linears are
@@ -40,7 +41,7 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="bitfit", family="graft", paper="Ben Zaken et al. 2021, BitFit (arXiv 2106.10199)", identity_at_init=True,
-    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
+    cacheable=False, config_cls=Config, apply=apply, reference_lr=4e-4,
     note="ours: trains bias terms only; bias-free families (Llama) get zero-initialised biases on every "
          "block Linear, and only those train",
 ))

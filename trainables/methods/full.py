@@ -1,6 +1,9 @@
 """Full fine-tuning: every backbone parameter trains. The baseline every saving is measured against.
 
-Paper: none (standard practice); reference lr 3e-4 (LST repo).
+Paper: none (standard practice). Reference lr 2e-5 on both families: BERT's own fine-tuning
+grid is {5e-5, 4e-5, 3e-5, 2e-5} (Devlin et al. 2019, arXiv 1810.04805, App. A.3); Llama
+instruction tuning uses 2e-5 (Taori et al. 2023, Stanford Alpaca train.py; Touvron et al.
+2023, Llama 2, arXiv 2307.09288, Sec. 3.1). The LST repo's 3e-4 is a T5 value and is not used.
 Deviations: none.
 """
 
@@ -26,5 +29,5 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="full", family="graft", paper="full fine-tuning (baseline)", identity_at_init=True, cacheable=False,
-    config_cls=Config, apply=apply, reference_lr=3e-4,
+    config_cls=Config, apply=apply, reference_lr=2e-5,
 ))

@@ -2,6 +2,8 @@
 
 Paper: "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning", Liu, Tam, Muqeeth, Mohta, Huang, Bansal, Raffel; arXiv 2205.05638.
+Reference lr 3e-3: T-Few's (IA)^3 recipe (Sec. 3.3 and the t-few repo's configs: Adafactor,
+lr 3e-3); here with AdamW, the study's optimiser for every method.
 
 Keys and values are scaled on their output; the FFN output projection is a peft
 "feedforward module", so its vector scales its input, i.e. the FFN's inner activation
@@ -42,6 +44,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="ia3", family="graft", paper="Liu et al. 2022, (IA)^3 (arXiv 2205.05638)", identity_at_init=True,
-    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
+    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-3,
     note="peft IA3Config + inject_adapter_in_model; k, v and FFN inner activation (input of the FFN output layer)",
 ))

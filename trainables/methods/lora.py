@@ -1,7 +1,9 @@
 """LoRA: a trainable low-rank update B·A beside frozen projection matrices, via peft.
 
 Paper: "LoRA: Low-Rank Adaptation of Large Language Models", Hu, Shen, Wallis, Allen-Zhu,
-Li, Wang, Wang, Chen; arXiv 2106.09685. Reference lr 3e-4 (LST repo).
+Li, Wang, Wang, Chen; arXiv 2106.09685. Reference lr per family: BERT 5e-4 (the paper's
+RoBERTa-base GLUE runs, Table 9: 4e-4–5e-4), Llama 2e-4 (Dettmers et al. 2023, QLoRA,
+arXiv 2305.14314, Table 9: 2e-4 for 7B/13B).
 
 peft's `inject_adapter_in_model` puts the LoRA layers into the bare backbone in place, so
 the backbone stays a LlamaModel/BertModel and the trainable tensors keep readable names
@@ -75,6 +77,7 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="lora", family="graft", paper="Hu et al. 2021, LoRA (arXiv 2106.09685)", identity_at_init=True,
-    cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
+    cacheable=False, config_cls=Config, apply=apply, reference_lr=5e-4,
+    lr_by_family=(("bert", 5e-4), ("llama", 2e-4)),
     note="peft LoraConfig + inject_adapter_in_model; default targets: the family's q and v projections",
 ))

@@ -1,18 +1,25 @@
 """LST: a narrow side stack of the backbone's own blocks, fed by gated ladders from every block.
 
 Paper: Sung, Cho, Bansal, "LST: Ladder Side-Tuning for Parameter and Memory Efficient
-Transfer Learning", NeurIPS 2022, arXiv 2206.06522. Reference r=8, lr 3e-3.
+Transfer Learning", NeurIPS 2022, arXiv 2206.06522; code github.com/ylsung/Ladder-Side-Tuning.
+Reference r=8, lr 3e-3 (T5-base GLUE at batch 100; checked at this study's batch 16 on MiniLM-L6,
+see study/spaces.py). The reference drops every 4th block from the first (T5-base keeps 9 of 12:
+drops 0, 4, 8): `drop_every=4`; studies record the whole method config on every row.
 
 s_0 = Down_0(φ_0); for each kept backbone block j (0-based, as in `layers.j`), reading
 φ_{j+1}: ŝ = μ_j·s + (1−μ_j)·Down_{j+1}(φ_{j+1}), μ_j = sigmoid(α_j/0.1), s = SideBlock_j(ŝ);
-a dropped block leaves s unchanged. Output: norm, Up (d'→d), pooling, head.
+a dropped block leaves s unchanged. Output: norm, Up (d'→d), pooling, head. With the pruned
+init the output norm is the backbone's final norm (BERT: the last block's output LayerNorm)
+pruned to the last side block's residual indices, as the reference copies it.
 Side blocks are LlamaDecoderLayer / BertLayer at width d' = d/r and FFN d_ff/r with the
 backbone's head count (head dim / r), so a structured prune of block j fits side block j.
 
 Deviations:
 - Default init is `prune` with `importance="l1"` (needs no data). The paper's Fisher
   importance (batch 1, N examples) needs task batches: build with `importance="fisher"`,
-  then call `prune_init(model, batches)`; its head is the freshly initialised one.
+  then call `prune_init(model, batches)`; its head is the freshly initialised one. The
+  default study uses Fisher (study/scaling.py), with fewer examples than the paper's 1,024
+  when the training set is smaller.
 - Pruning keeps one index set per block for the residual stream, one for the FFN, and
   one set of within-head dims shared by all heads (q/k, and v/o); for Llama, q/k dims
   are chosen in rotary pairs (j, j + head_dim/2) so rotate_half stays meaningful.
@@ -44,6 +51,7 @@ from trainables.methods.base import MethodInfo, Output, Pooling, SideModel, Taps
 class Config:
     r: int = 8  # reduction factor: side width d' = d / r
     drop_layers: tuple[int, ...] = ()  # 0-based backbone block indices without a side block
+    drop_every: int = 0  # also drop blocks 0, k, 2k, ... (the reference: k = 4); 0 = none
     heads: int | None = None  # side attention heads; None = the backbone's (head dim shrinks by r)
     init: Literal["random", "prune"] = "prune"
     importance: Literal["l1", "fisher"] = "l1"
@@ -56,6 +64,8 @@ class Config:
         if self.init not in ("random", "prune") or self.importance not in ("l1", "fisher"):
             raise ValueError(f"lst: init={self.init!r}, importance={self.importance!r}; "
                              "valid: init random|prune, importance l1|fisher")
+        if self.drop_every < 0:
+            raise ValueError(f"lst: drop_every={self.drop_every} must be >= 0 (0: keep every block)")
         if self.fisher_examples < 1:
             raise ValueError(f"lst: fisher_examples={self.fisher_examples} must be >= 1")
 
@@ -101,7 +111,8 @@ class LstModel(SideModel):
         bad = [j for j in cfg.drop_layers if not 0 <= j < n]
         if bad:
             raise ValueError(f"lst: drop_layers {bad} out of range; blocks are 0..{n - 1} (0-based)")
-        self.kept = [j for j in range(n) if j not in cfg.drop_layers]
+        dropped = {*cfg.drop_layers, *(range(0, n, cfg.drop_every) if cfg.drop_every else ())}
+        self.kept = [j for j in range(n) if j not in dropped]
         if not self.kept:
             raise ValueError(f"lst: drop_layers drops all {n} blocks; keep at least one")
         self.side_config = side_config(backbone.config, spec.family, cfg)
@@ -232,7 +243,21 @@ def prune_init(model: LstModel, batches: Iterable[Any] | None = None) -> dict[in
         sel = {k: _top(v, sizes[k], pairs=(k == "qk" and spec.family == "llama")) for k, v in scores.items()}
         _copy_pruned(blocks[j], model.blocks[str(j)], spec.family, sel, head_dim)
         chosen[j] = sel
+    _copy_final_norm(model, chosen[model.kept[-1]]["res"])
     return chosen
+
+
+def _copy_final_norm(model: LstModel, res: torch.Tensor) -> None:
+    """The side output norm := the backbone's final norm, pruned to the last side block's residual indices.
+
+    Post-LN BERT has no final norm: its final hidden state leaves the last block's output LayerNorm."""
+    final = model.spec.anatomy.get(model.backbone, "final_norm")
+    if final is None:
+        final = model.spec.anatomy.get(model.backbone, "blocks")[-1].output.LayerNorm
+    own = dict(model.norm.named_parameters())
+    with torch.no_grad():
+        for name, p in final.named_parameters():
+            own[name].copy_(p.index_select(0, res))
 
 
 def _line_sums(x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,7 +1,8 @@
 """Prompt tuning: n trainable virtual-token embeddings prepended to the input, via peft.
 
 Paper: "The Power of Scale for Parameter-Efficient Prompt Tuning", Lester, Al-Rfou,
-Constant; arXiv 2104.08691. Reference lr 0.3 (LST repo).
+Constant; arXiv 2104.08691. Reference lr 0.3: the paper's (Sec. 3, Adafactor), also the LST
+repo's.
 
 peft's `PromptTuningConfig` with task type FEATURE_EXTRACTION wraps the bare backbone
 (`PeftModelForFeatureExtraction`): it prepends the prompt embeddings via `inputs_embeds`

@@ -1,7 +1,10 @@
 """READ: a small RNN reads every block's output and corrects the frozen final hidden state.
 
 Paper: Wang, Nguyen, Li, Wu, "READ: Recurrent Adaptation of Large Transformers",
-arXiv 2305.15348. Reference lr 3e-3 (side methods).
+arXiv 2305.15348. Reference lr 3e-4: the authors'
+scripts sweep about 1e-4–1e-3 (the LST repo's 3e-3 for side methods is a T5 batch-100 value).
+The output scale s is searched too (log-uniform 0.1–10, study/spaces.py): with W_o zero-init
+and Adam, s sets how fast δ can grow, which the authors tune alongside the lr.
 
 Per token position, independently, the recurrence runs over LAYERS: x_i = RMSNorm(φ_i),
 h_i = GRU(x_i, h_{i−1}), ḡ = mean(h_1 … h_L), δ = s·(W_o ḡ + b_o) with W_o, b_o zero, so
@@ -116,6 +119,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="read", family="side", paper="Wang et al. 2023, READ, arXiv 2305.15348", identity_at_init=True,
-    cacheable=True, config_cls=Config, apply=apply, reference_lr=3e-3,
+    cacheable=True, config_cls=Config, apply=apply, reference_lr=3e-4,
     note="GRU over layers per token; zero-init output so step 0 equals the frozen backbone",
 ))
