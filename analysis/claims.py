@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from study import schema
+from study.quality import bootstrap_ci  # one CI for the study and the analysis
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA)
@@ -32,7 +33,6 @@ CONVERGENCE_CLAIM = "read-slower-convergence-small-data"
 FLAT_SLOPE = 0.05  # |log-log slope| at most this is "flat": doubling the axis changes the count by < 3.5%
 TARGET_FRACTION = 0.95  # epochs-to-target: first epoch within 5% of the trial's best metric
 COST_TOLERANCE = 0.10  # a cost claim holds if the measured change is within 10 points of the paper's, or better
-N_BOOT = 10_000
 
 
 @dataclass(frozen=True)
@@ -352,18 +352,6 @@ def paired_differences(table: pd.DataFrame, method: str = "read", other: str = "
     both = pd.concat({method: mean_ett(method), other: mean_ett(other)}, axis=1, join="inner").reset_index()
     both["diff"] = both[method] - both[other]
     return both
-
-
-def bootstrap_ci(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n_boot: int = N_BOOT,
-                 seed: int = 0) -> tuple[float, float] | None:
-    """Percentile bootstrap CI of the mean (seeded numpy; None below two values)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
 
 
 MIN_PAIRS = 3  # a bootstrap over two pairs can only ever return their two values: no evidence

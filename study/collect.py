@@ -53,8 +53,8 @@ def _one_line(error: Any) -> str | None:
     return lines[-1][:500] if lines else type(error).__name__
 
 
-def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """(trial rows, epoch rows) for every trial Tune knows of."""
+def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "search") -> tuple[list[dict], list[dict]]:
+    """(trial rows, epoch rows) for every trial Tune knows of; `role`: search, or confirm (study.confirm)."""
     trials: list[dict] = []
     epochs: list[dict] = []
     now = dt.datetime.now(dt.UTC)
@@ -69,7 +69,7 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any]) -> tuple[list[
         weights = run.get("weights")
         if weights in (None, "auto"):
             weights = "pretrained" if backbones.get_spec(run["backbone"]).local else "random"
-        row.update(study=study, trial_id=trial_id, created_at=now, task=run.get("task"), weights=weights,
+        row.update(study=study, trial_id=trial_id, created_at=now, task=run.get("task"), weights=weights, role=role,
                    train_size=run.get("train_size"), seed=run.get("seed"), max_length=run.get("max_length"),
                    batch_size=run.get("batch_size"), epochs=run.get("epochs"))
         if row.get("pooling") is None:  # failed before the model was built: what was asked
@@ -123,28 +123,42 @@ def _fmt_count(n: Any) -> str:
 
 
 def summary_table(trials: list[dict]) -> str:
-    """Method × backbone: best metric, trainable params, peak memory (source), energy, time."""
+    """Method × backbone: quality (confirm seeds' mean and bootstrap 95% CI, else the search best),
+    trainable params, peak memory (source), energy, time; methods below the linear probe are flagged."""
+    from study import quality  # local: quality is pure, but keeps this module's imports light
+
     best: dict[tuple[str, str], dict] = {}
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for r in trials:
         key = (r["method"], r["backbone"])
-        counts.setdefault(key, {}).setdefault(r["status"], 0)
-        counts[key][r["status"]] += 1
+        label = r["status"] if r.get("role") in (None, "search") else f"{r['status']} {r['role']}"
+        counts.setdefault(key, {}).setdefault(label, 0)
+        counts[key][label] += 1
         score = r.get("best_metric")
         cur = best.get(key)
         if cur is None or (score is not None and (cur.get("best_metric") is None or score > cur["best_metric"])):
             best[key] = r
-    head = f"{'method':<8} {'backbone':<22} {'best':>7} {'trainable':>10} {'peak mem':>16} {'energy':>12} " \
-           f"{'time':>7}  trials"
+    q = {(r["method"], r["backbone"]): r for r in quality.quality_rows([t for t in trials if t.get("weights") != "random"])}
+    head = f"{'method':<8} {'backbone':<22} {'quality: mean [95% CI]':>24} {'seeds':>5} {'search':>7} " \
+           f"{'trainable':>10} {'peak mem':>16} {'energy':>12} {'time':>7}  trials"
     lines = [head, "-" * len(head)]
+    flagged = []
     for (method, backbone), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        metric = "-" if r.get("best_metric") is None else f"{r['best_metric']:.3f}"
+        qual = q.get((method, backbone))
+        search = "-" if r.get("best_metric") is None else f"{r['best_metric']:.3f}"
         mem = f"{_fmt_bytes(r.get('peak_memory_bytes'))} ({(r.get('memory_source') or '-')[:5]})"
         energy = "-" if r.get("energy_joules") is None else f"{r['energy_joules']:.0f}J {r.get('energy_source')}"
         time_s = "-" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}s"
         status = ",".join(f"{n} {s}" for s, n in sorted(counts[(method, backbone)].items()))
+        mark = ""
+        if qual is not None and qual.get("below_probe"):
+            mark = " <probe"
+            flagged.append(f"{method} on {backbone}")
         if r.get("weights") == "random":
             backbone = f"{backbone} (rnd)"  # random weights: a cost run, its metric means nothing
-        lines.append(f"{method:<8} {backbone:<22} {metric:>7} {_fmt_count(r.get('params_trainable')):>10} "
-                     f"{mem:>16} {energy:>12} {time_s:>7}  {status}")
+        seeds = "-" if qual is None else str(qual["seeds"])
+        lines.append(f"{method:<8} {backbone:<22} {quality.fmt(qual) + mark:>24} {seeds:>5} {search:>7} "
+                     f"{_fmt_count(r.get('params_trainable')):>10} {mem:>16} {energy:>12} {time_s:>7}  {status}")
+    if flagged:
+        lines.append(f"below the linear probe (under-tuned or broken): {', '.join(flagged)}")
     return "\n".join(lines)

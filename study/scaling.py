@@ -2,9 +2,13 @@
 
 Plans first (meta-device counts and memory estimates for every pair), then runs what
 fits this machine and records the rest as `estimated` rows. With no flags it runs the
-embedded default: pretrained MiniLM-L6 and the SmolLM2 depth ladder for quality, the
-random Llama ladder for cost (memory, throughput; one short epoch — their accuracy
-means nothing), vader-movies, every method with the same trial budget.
+embedded default: pretrained MiniLM-L6 for quality (fewer backbones rather than thin
+budgets), the random Llama ladder for cost (memory, throughput; one short epoch — their
+accuracy means nothing), vader-movies. Every method gets the same budget: 8 trials of 200
+optimisation steps (Optuna TPE after a short random start, ASHA within each method), then
+its best configuration re-run with 3 fresh seeds (study.confirm), evaluated on 500
+validation examples (one example = 0.2 points); quality is the seeds' mean with a
+bootstrap 95% CI (quality.parquet), and the linear probe is the floor.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from study import launch, plan, runner, spaces
+from study import confirm, launch, plan, runner, spaces
 from study.collect import summary_table
 from study.launch import Group
 from trainables import backbones
@@ -27,20 +31,22 @@ DEPTH_LADDER = ("smollm2-135m@L2", "smollm2-135m@L4", "smollm2-135m@L8", "smollm
 class Settings:
     """How the pairs that run are trained (pretrained backbones; random ones get `cost_*`)."""
 
-    trials_per_method: int = 2
-    epochs: int = 3
-    train_size: int = 256
+    trials_per_method: int = 8  # the same for every method
+    epochs: int = 4  # 4 × 800 / 16 = 200 optimisation steps: enough to leave a random side path's init
+    train_size: int = 800
     max_length: int = 32
-    max_eval_examples: int = 400
+    max_eval_examples: int = 500  # one example is 0.2 points of accuracy
+    confirm_seeds: int = 3  # the best configuration of each method re-run with this many fresh seeds
     cost_epochs: int = 1
     cost_batches: int = 6
 
 
 DEFAULT = Settings()
-QUICK = Settings(trials_per_method=1, epochs=1, train_size=128, max_eval_examples=200, cost_batches=3)
-DEFAULT_RUN_BACKBONES = ("minilm-l6", "smollm2-135m@L2", "llama-11m", "llama-35m")
+QUICK = Settings(trials_per_method=1, epochs=1, train_size=128, max_eval_examples=200, confirm_seeds=2,
+                 cost_batches=3)
+DEFAULT_RUN_BACKBONES = ("minilm-l6", "llama-11m", "llama-35m")
 QUICK_RUN_BACKBONES = ("minilm-l6",)
-QUICK_METHODS = ("read", "lora", "full")
+QUICK_METHODS = ("probe", "read", "lora", "full")
 
 
 def ladder(max_model: str) -> list[str]:
@@ -59,6 +65,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials-per-method", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--confirm-seeds", type=int, default=None, help="seeds the best configuration is re-run with "
+                   "(default 3; 0: no confirm phase, quality is then the search best without a CI)")
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke study")
     p.add_argument("--no-memory-estimates", action="store_true", help="skip the per-pair memory estimates")
     p.add_argument("--cost-runs", choices=["random", "none"], default="random",
@@ -71,7 +79,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     base = QUICK if args.quick else DEFAULT
-    given = {k: getattr(args, k) for k in ("trials_per_method", "epochs", "train_size", "max_length")
+    given = {k: getattr(args, k) for k in ("trials_per_method", "epochs", "train_size", "max_length", "confirm_seeds")
              if getattr(args, k) is not None}  # 0 is refused below, not replaced by the default
     s = dataclasses.replace(base, **given)
     methods = args.methods or (list(QUICK_METHODS) if args.quick else list(REGISTRY))
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     runner.check_input(methods, run_backbones + [args.max_model], args)
     if min(s.trials_per_method, s.epochs, s.train_size) < 1:
         raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
+    if s.confirm_seeds < 0:
+        raise runner.UsageError(f"--confirm-seeds must be >= 0, not {s.confirm_seeds}")
     name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"
     folder = runner.study_dir(args.storage, name, args.resume)
 
@@ -103,14 +113,20 @@ def main(argv: list[str] | None = None) -> None:
                "batch_size": args.batch_size, "seed": args.seed, "max_eval_examples": s.max_eval_examples,
                "epochs": s.cost_epochs if cost_only else s.epochs,
                "max_train_batches": s.cost_batches if cost_only else None, "weights": p.weights}
+        if p.method == "lst" and not cost_only:  # the paper's Fisher-pruned init (batch 1, up to 1,024 examples)
+            run["method_config"] = {"importance": "fisher", "fisher_examples": min(1024, s.train_size)}
         groups.append(Group(name=f"{p.method}|{p.backbone}", run=run,
                             space=spaces.space(p.method, backbones.get_spec(p.backbone).family),
                             n_trials=1 if cost_only else s.trials_per_method, resources=p.resources))
     plan_info = {"study": name, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
                  "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,
                             **p.counts, **(p.memory or {})} for p in pairs]}
-    trials, _ = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,
-                               resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks)
+    trials, epochs = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,
+                                    resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks)
+    searched = [g for g in groups if g.run["weights"] != "random" or args.cost_runs == "none"]
+    seeds = [args.seed + 1 + i for i in range(s.confirm_seeds)]
+    trials, _ = confirm.run(name, folder, searched, trials, epochs, seeds=seeds, resume=args.resume, seed=args.seed,
+                            zero_ranks=args.zero_ranks, log=runner.log)
     print(summary_table([t for t in trials if t["status"] != "estimated"]))
     print(f"\n{len(pairs) - len(to_run)} pairs estimated only (all {len(pairs)} planned rows in trials.parquet); "
           f"wall time {time.time() - t0:.0f}s")

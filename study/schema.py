@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: pooling, method_config, role; quality.parquet
 STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated")  # estimated: planned, too big to run here
 MEMORY_SOURCES = ("cuda", "tracked", "estimated")
 ENERGY_SOURCES = ("nvml", "rapl", "none")
@@ -42,6 +42,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("method_config", pa.string()),  # the method's whole config as JSON (defaults included)
     pa.field("batch_size", pa.int64()),
     pa.field("epochs", pa.int64()),
+    pa.field("role", pa.string()),  # search | confirm (the best config re-run with fresh seeds); null: planned
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
     pa.field("metric_name", pa.string()),
@@ -85,6 +86,25 @@ EPOCH_FIELDS: list[pa.Field] = [
     pa.field("wall_time_s", pa.float64()),
     pa.field("tokens_seen", pa.int64()),
     pa.field("lr", pa.float64()),
+]
+# quality.parquet (study.quality): one row per method × backbone × task × train size
+QUALITY_FIELDS: list[pa.Field] = [
+    pa.field("study", pa.string()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("backbone", pa.string(), nullable=False),
+    pa.field("weights", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("train_size", pa.int64()),
+    pa.field("metric_name", pa.string()),
+    pa.field("search_trials", pa.int64()),
+    pa.field("search_best", pa.float64()),  # the selected maximum: biased upward, reported for reference
+    pa.field("seeds", pa.int64()),  # confirm runs that finished
+    pa.field("mean", pa.float64()),  # mean over the confirm seeds (the search best when none ran)
+    pa.field("ci_low", pa.float64()),  # percentile bootstrap 95% CI of that mean (null below 2 seeds)
+    pa.field("ci_high", pa.float64()),
+    pa.field("std", pa.float64()),
+    pa.field("probe_mean", pa.float64()),  # the linear probe's mean on the same backbone, task and size
+    pa.field("below_probe", pa.bool_()),  # mean below the probe's: under-tuned or broken
 ]
 TRIAL_COLUMNS = [f.name for f in TRIAL_FIELDS]
 EPOCH_COLUMNS = [f.name for f in EPOCH_FIELDS]
@@ -146,6 +166,10 @@ def write_trials(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def write_epochs(rows: list[dict[str, Any]], path: Path) -> Path:
     return write_atomic(to_table(rows, epoch_schema()), path)
+
+
+def write_quality(rows: list[dict[str, Any]], path: Path) -> Path:
+    return write_atomic(to_table(rows, pa.schema(QUALITY_FIELDS, metadata=_metadata("quality"))), path)
 
 
 def read(path: Path) -> pa.Table:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 SECRET = "hf_PLANTED_not_a_real_token_7731"
 TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-tiny", "--methods", "read", "lora",
               "--task", "synthetic", "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none",
-              "--batch-size", "16"]
+              "--batch-size", "16", "--confirm-seeds", "2"]
 
 
 def study_env() -> dict[str, str]:
@@ -48,10 +48,21 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tmp_path):
     everything = trials.to_pandas()
     planned, df = everything[everything.status == "estimated"], everything[everything.status != "estimated"]
     assert len(planned) == 2 * 2 and planned.params_trainable.gt(0).all()  # the plan: one row per pair
-    assert len(df) == 2 * 2 * 2
+    assert len(df) == 2 * 2 * 2 + 2 * 2 * 2  # 2 search trials, then the best re-run with 2 seeds, per pair
     assert set(df.status) == {"ok"}, df[["method", "backbone", "status", "error"]]
-    assert df.groupby(["method", "backbone"]).size().eq(2).all()
+    assert df.groupby(["method", "backbone", "role"]).size().eq(2).all()
     assert df["hp.lr"].notna().all() and df["params_trainable"].gt(0).all()
+    assert set(df.pooling) == {"last", "first"} and planned.pooling.notna().all()
+    confirm = df[df.role == "confirm"]
+    assert sorted(set(confirm.seed)) == [1, 2]  # fresh seeds; the search ran seed 0
+    for (method, backbone), g in confirm.groupby(["method", "backbone"]):  # the winner's config, re-run
+        search = df[(df.role == "search") & (df.method == method) & (df.backbone == backbone)]
+        top = search[search.best_metric == search.best_metric.max()]
+        assert len(set(g["hp.lr"])) == 1 and set(g["hp.lr"]) <= set(top["hp.lr"]), (method, backbone)
+    quality = pd.read_parquet(tmp_path / "scaling" / "quality.parquet")
+    assert len(quality) == 4 and quality.seeds.eq(2).all() and quality.search_trials.eq(2).all()
+    assert (quality.ci_low <= quality["mean"]).all() and (quality["mean"] <= quality.ci_high).all()
+    assert "quality: mean [95% CI]" in out.stdout
     ep = pd.read_parquet(tmp_path / "scaling" / "epochs.parquet")
     assert ep.groupby("trial_id").epoch.max().le(2).all() and len(ep) >= len(df)
     # a planted secret in the environment appears in no file the study wrote
@@ -61,7 +72,8 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tmp_path):
 
 
 def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
-    args = [*TINY_STUDY, "--methods", "full", "--trials-per-method", "3", "--epochs", "3", "--storage",
+    args = [*TINY_STUDY, "--methods", "full", "--trials-per-method", "3", "--epochs", "3", "--confirm-seeds", "0",
+            "--storage",
             str(tmp_path), "--no-memory-estimates", "--name", "resume"]
     proc = subprocess.Popen([sys.executable, "-m", "study.scaling", *args], cwd=ROOT, env=study_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

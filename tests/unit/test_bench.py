@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 @pytest.mark.parametrize("argv,needle", [
     (["cache", "--methods", "nope"], "unknown method 'nope'"),
-    (["cache", "--methods", "lora"], "cacheable: lst, read, sherl"),
+    (["cache", "--methods", "lora"], "cacheable: lst, probe, read, sherl"),
     (["cache", "--trials", "0"], "--trials must be 1 or more"),
     (["cache", "--task", "imdb"], "unknown task"),
     (["memory", "--backbone", "gpt-9"], "unknown backbone"),

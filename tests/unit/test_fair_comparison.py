@@ -200,3 +200,78 @@ def test_reference_lrs_per_family_and_search_spaces_contain_them():
         for family in ("bert", "llama"):
             lr = space(name, family)["lr"]
             assert lr.low < get_method(name).lr_for(family) < lr.high, (name, family)
+
+
+# ----------------------------------------------------------------------------- seeds, roles, confidence intervals
+
+
+def _row(method, best, role="search", seed=0, backbone="minilm-l6", **kw):
+    return {"study": "s", "method": method, "backbone": backbone, "task": "vader-movies", "train_size": 800,
+            "metric_name": "accuracy", "weights": "pretrained", "status": "ok", "best_metric": best, "role": role,
+            "seed": seed, **kw}
+
+
+def test_quality_is_the_confirm_seeds_mean_with_a_ci_that_covers_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from study import quality, schema
+
+    trials = [_row("read", 0.74), _row("read", 0.69)]
+    trials += [_row("read", v, "confirm", s) for s, v in ((1, 0.71), (2, 0.70), (3, 0.73))]
+    trials += [_row("probe", 0.70)] + [_row("probe", v, "confirm", s) for s, v in ((1, 0.70), (2, 0.71), (3, 0.72))]
+    trials += [_row("lst", 0.52)] + [_row("lst", v, "confirm", s) for s, v in ((1, 0.50), (2, 0.55), (3, 0.51))]
+    trials += [_row("lst", None, status="error"), _row("lora", 0.9, weights="random")]
+    rows = {r["method"]: r for r in quality.quality_rows([t for t in trials if t["weights"] != "random"])}
+    read = rows["read"]
+    assert read["seeds"] == 3 and read["search_trials"] == 2 and read["search_best"] == 0.74
+    assert read["mean"] == pytest.approx((0.71 + 0.70 + 0.73) / 3)
+    assert 0.70 - 1e-9 <= read["ci_low"] <= read["mean"] <= read["ci_high"] <= 0.73 + 1e-9  # within the seeds
+    assert read["ci_low"] < read["ci_high"]
+    assert read["probe_mean"] == pytest.approx(0.71) and read["below_probe"] is False
+    assert rows["lst"]["below_probe"] is True and rows["probe"]["below_probe"] is None  # the floor itself
+    path = schema.write_quality(list(rows.values()), tmp_path / "quality.parquet")
+    table = pq.read_table(path)
+    assert [f.name for f in table.schema] == [f.name for f in schema.QUALITY_FIELDS]
+    # a method that was only searched: its best, no CI
+    only = quality.quality_rows([_row("full", 0.8), _row("full", 0.7)])[0]
+    assert only["mean"] == 0.8 and only["ci_low"] is None and only["seeds"] == 0
+
+
+def test_summary_table_prints_ci_and_flags_methods_below_the_probe():
+    from study.collect import summary_table
+
+    trials = [_row("probe", 0.70)] + [_row("probe", v, "confirm", s) for s, v in ((1, 0.70), (2, 0.71), (3, 0.72))]
+    trials += [_row("lst", 0.52)] + [_row("lst", v, "confirm", s) for s, v in ((1, 0.50), (2, 0.55), (3, 0.51))]
+    text = summary_table(trials)
+    assert "quality: mean [95% CI]" in text and "0.710 [" in text
+    assert "below the linear probe (under-tuned or broken): lst on minilm-l6" in text
+
+
+def test_role_and_pooling_columns_are_in_the_trials_schema():
+    from study import schema
+
+    for name in ("role", "seed", "pooling", "method_config"):
+        assert name in schema.TRIAL_COLUMNS
+
+
+class _Result:  # the two attributes of a Tune Result that the confirm phase reads
+    def __init__(self, group, lr, best, status="ok"):
+        self.config = {"group": group, "hp": {"lr": lr}, "run": {"method": group.split("|")[0], "lr": lr, "seed": 0}}
+        self.metrics = {"best_metric": best, "status": status}
+        self.error = None
+
+
+def test_confirm_reruns_each_groups_best_config_with_fresh_seeds():
+    from study import confirm
+    from study.launch import Group
+
+    grid = [_Result("read|m", 1e-3, 0.70), _Result("read|m", 3e-4, 0.74), _Result("read|m", 1e-2, 0.99, "diverged"),
+            _Result("lst|m", 3e-3, 0.60), _Result("full|x", 1e-5, 0.9)]
+    searched = [Group("read|m", {}, {}, 3), Group("lst|m", {}, {}, 1)]
+    best = confirm.best_runs(grid, [g.name for g in searched])
+    assert best["read|m"]["run"]["lr"] == 3e-4 and best["read|m"]["hp"] == {"lr": 3e-4}
+    assert "full|x" not in best  # not a searched group (a cost-only run)
+    groups = confirm.confirm_groups(searched, best, seeds=(1, 2, 3))
+    assert [(g.name, g.run["seed"], g.run["lr"], g.n_trials) for g in groups[:3]] == [
+        ("read|m|confirm-s1", 1, 3e-4, 1), ("read|m|confirm-s2", 2, 3e-4, 1), ("read|m|confirm-s3", 3, 3e-4, 1)]
+    assert len(groups) == 6 and all(not g.space for g in groups)

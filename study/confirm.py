@@ -1,0 +1,90 @@
+"""The confirm phase: each searched method's best configuration re-run with fresh seeds.
+
+A search picks the maximum over its trials, so the winner's score is biased upward and
+says nothing about seed-to-seed spread. After the search, every group that searched
+(pretrained backbones; cost-only runs are not confirmed) gets its best finished trial's
+whole run config re-run once per confirm seed, to the full epoch budget (no early
+stopping), as its own Tune experiment in `<study>/confirm/`. The rows are marked
+`role=confirm`; study.quality turns them into a mean with a bootstrap 95% CI.
+
+The seed also draws the training subsample (`train_size`), the head's init and the data
+order, so the CI covers all three; side methods build one activation cache per seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from study import collect, launch, prepare, quality, schema
+from study.launch import Group
+
+CONFIRM = "confirm"  # the confirm experiment's folder inside the study folder
+SEEDS = (1, 2, 3)  # the search runs seed 0 (the study's --seed); confirm seeds are fresh
+SUFFIX = "|confirm-s"  # a confirm group's name: <searched group>|confirm-s<seed>
+
+
+def best_runs(grid: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per group in `names`: {"run": run config, "hp": searched values} of its best finished trial."""
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    for result in grid:
+        config = result.config or {}
+        name, metrics = config.get("group"), result.metrics or {}
+        score = metrics.get("best_metric")
+        if name not in names or metrics.get("status") != "ok" or score is None or result.error is not None:
+            continue
+        if name not in best or score > best[name][0]:
+            best[name] = (float(score), {"run": dict(config["run"]), "hp": dict(config.get("hp") or {})})
+    return {name: winner for name, (_, winner) in best.items()}
+
+
+def confirm_groups(groups: Sequence[Group], best: dict[str, dict[str, Any]], seeds: Sequence[int]) -> list[Group]:
+    """One single-trial group per (searched group with a winner, seed)."""
+    return [Group(name=f"{g.name}{SUFFIX}{seed}", run={**best[g.name]["run"], "seed": seed}, space={}, n_trials=1,
+                  resources=g.resources)
+            for g in groups if g.name in best for seed in seeds]
+
+
+def folder_of(study_folder: str) -> str:
+    return str(study_folder).rstrip("/") + "/" + CONFIRM
+
+
+def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], epochs: list[dict], *,
+        seeds: Sequence[int] = SEEDS, resume: bool, seed: int, zero_ranks: int = 1,
+        log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+    """Confirm the searched groups' winners; returns all rows (search + confirm) and writes the tables."""
+    out = Path(folder) if launch.storage_is_local(folder) else Path("results") / name  # as runner.execute
+    grid = launch.results(folder)
+    best = best_runs(grid, [g.name for g in searched]) if grid is not None else {}
+    groups = confirm_groups(searched, best, seeds)
+    missing = sorted({g.name for g in searched} - set(best))
+    if missing:
+        log(f"confirm: no finished trial to confirm for {', '.join(missing)}")
+    if groups:
+        log(f"confirm: {len(best)} best configurations × {len(seeds)} seeds ({len(groups)} trials, no early stopping)")
+        groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
+        where, stopped = folder_of(folder), None
+        try:
+            grid = launch.run(groups, where, seed=seed, resume=resume, early_stopping=False)
+        except (KeyboardInterrupt, Exception) as exc:  # what finished is written first, as runner.execute does
+            stopped, grid = exc, launch.results(where)
+            log("confirm stopped: writing what finished; continue with --resume")
+        if grid is not None:
+            rows, more = collect.rows_from_results(name, grid, collect.environment(), role="confirm")
+            for result, row in zip(grid, rows, strict=True):  # the winner's searched values, for the record
+                searched_name = str((result.config or {}).get("group", "")).rsplit(SUFFIX, 1)[0]
+                row.update({f"hp.{k}": v for k, v in best.get(searched_name, {}).get("hp", {}).items()})
+            trials, epochs = trials + rows, epochs + more
+            collect.write(out, trials, epochs)
+        if stopped is not None:
+            write_quality(out, trials)
+            raise stopped
+    write_quality(out, trials)
+    return trials, epochs
+
+
+def write_quality(out: Path, trials: list[dict]) -> Path:
+    """quality.parquet from the finished rows (pretrained backbones only: a random backbone's metric is noise)."""
+    rows = quality.quality_rows([t for t in trials if t.get("weights") != "random"])
+    return schema.write_quality(rows, out / "quality.parquet")
