@@ -80,6 +80,8 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
         if stopped is not None:
             write_quality(out, trials)
             raise stopped
+    trials = collect.with_cache_shares(trials)
+    collect.write(out, trials, epochs)
     write_quality(out, trials)
     return trials, epochs
 

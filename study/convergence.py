@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from study import plan, runner
+from study import collect, launch, plan, runner
 from study.collect import summary_table
 from study.launch import Group
 from trainables.backbones import get_spec
@@ -24,7 +25,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", type=int, default=[64, 256, 512], help="training-set sizes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="3+ seeds: the analysis needs 3 pairs")
     p.add_argument("--epochs", type=int, default=6, help="fixed epoch budget (no early stopping)")
-    p.add_argument("--max-eval-examples", type=int, default=400)
+    p.add_argument("--max-eval-examples", type=int, default=500, help="500: one example is 0.2 points")
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke study")
     runner.add_common_args(p, name="convergence")
     return p.parse_args(argv)
@@ -58,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     plan_info = {"study": name, "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
                  "seeds": args.seeds, "epochs": args.epochs}
-    trials, _ = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
-                               address=args.address, seed=args.seed, early_stopping=False, zero_ranks=args.zero_ranks)
+    trials, epochs = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
+                                    address=args.address, seed=args.seed, early_stopping=False,
+                                    zero_ranks=args.zero_ranks)
+    trials = collect.with_cache_shares(trials)  # cached trials carry their share of the cache builds
+    collect.write(Path(folder) if launch.storage_is_local(folder) else Path("results") / name, trials, epochs)
     print(summary_table(trials))
     print(f"\nwall time {time.time() - t0:.0f}s")
 

@@ -67,6 +67,12 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("train_time_s", pa.float64()),
     pa.field("cache_hit", pa.bool_()),
     pa.field("cache_reason", pa.string()),  # how the cache was found or built, or why the backbone ran live
+    pa.field("cache_builds", pa.string()),  # JSON {cache id: {s, joules}}: what building the caches it read cost
+    # its share of those builds (each split over the study's trials that read it), and the totals with it
+    pa.field("cache_share_s", pa.float64()),
+    pa.field("cache_share_joules", pa.float64()),
+    pa.field("time_with_cache_s", pa.float64()),  # train_time_s + cache_share_s
+    pa.field("energy_with_cache_joules", pa.float64()),
     pa.field("device", pa.string()),
     pa.field("dtype", pa.string()),
     pa.field("torch_version", pa.string()),

@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainables.backbones import BackboneSpec
+from trainables.energy import EnergyMeter
 from trainables.methods.base import SideModel, Taps, collect_taps, pooled_positions
 from trainables.zero import input_device, is_partitioned, lockstep
 
@@ -253,11 +254,14 @@ def ensure(root: Path, key: CacheKey, lengths: np.ndarray, d: int, write_shards:
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.building-"))
         try:
             start = time.perf_counter()
+            meter = EnergyMeter("cuda" if torch.cuda.is_available() else "cpu").start()  # the builders' node
             records = write_shards(staging, shard_ranges(lengths, key, d, shard_bytes))
+            joules = meter.stop()
             manifest = {"format": FORMAT, "fingerprint": name, "key": dataclasses.asdict(key),
                         "examples": len(lengths), "tokens": int(lengths.sum()), "shards": records,
                         "bytes": sum(r["bytes"] for r in records),
-                        "build_s": round(time.perf_counter() - start, 3), "created_at": time.time()}
+                        "build_s": round(time.perf_counter() - start, 3), "build_energy_joules": joules,
+                        "build_energy_source": meter.source, "created_at": time.time()}
             tmp = staging / f".{MANIFEST}.tmp"
             tmp.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp, staging / MANIFEST)  # the manifest last: it is what marks a cache complete
@@ -424,6 +428,12 @@ class TapReader:
 
 
 _OPEN: dict[tuple[str, int], TapReader] = {}  # per process: trials in a reused worker share one mapping
+
+
+def build_costs(readers: Iterable[TapReader]) -> str:
+    """JSON {cache id: {"s": build seconds, "joules": build energy or null}} of the caches a trial read."""
+    return json.dumps({r.folder.name: {"s": r.manifest.get("build_s"), "joules": r.manifest.get("build_energy_joules")}
+                       for r in readers}, sort_keys=True)
 
 
 def open_reader(folder: Path) -> TapReader:

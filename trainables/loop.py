@@ -60,7 +60,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
     "memory_activations_bytes", "memory_source",
     "energy_joules", "energy_source", "flops_per_step", "tokens_per_s", "train_time_s", "cache_hit",
-    "cache_reason", "device", "torch_version", "transformers_version",
+    "cache_reason", "cache_builds", "device", "torch_version", "transformers_version",
 )
 MEMORY_KEYS: tuple[str, ...] = (
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
@@ -402,6 +402,8 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                 model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights,
                 pad_token_id=task.pad_token_id)
         summary["cache_hit"] = readers is not None
+        if readers:  # what building the caches it read cost (study.collect splits it over their readers)
+            summary["cache_builds"] = cache.build_costs(readers.values())
 
         def train_batches(epoch: int) -> Iterator[dict[str, Any]]:
             seed = epoch_seed(cfg.seed, epoch)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 SECRET = "hf_PLANTED_not_a_real_token_7731"
 TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-tiny", "--methods", "read", "lora",
               "--task", "synthetic", "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none",
-              "--batch-size", "16", "--confirm-seeds", "2"]
+              "--batch-size", "16", "--confirm-seeds", "2", "--train-size", "128"]
 
 
 def study_env() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -275,3 +276,34 @@ def test_confirm_reruns_each_groups_best_config_with_fresh_seeds():
     assert [(g.name, g.run["seed"], g.run["lr"], g.n_trials) for g in groups[:3]] == [
         ("read|m|confirm-s1", 1, 3e-4, 1), ("read|m|confirm-s2", 2, 3e-4, 1), ("read|m|confirm-s3", 3, 3e-4, 1)]
     assert len(groups) == 6 and all(not g.space for g in groups)
+
+
+# ----------------------------------------------------------------------------- cost that counts the cache build
+
+
+def test_cache_build_cost_is_split_over_its_readers_and_sums_to_the_measured_build(tmp_path):
+    """Real trials on a real cache: each cache's build (manifest build_s, measured by cache.ensure) is split
+    over the trials that read it; the shares of one cache add back up to that build; a live trial pays none."""
+    from test_cache import config
+
+    from study.collect import with_cache_shares
+    from trainables.loop import train
+
+    runs = {"read0": config(tmp_path, "read"), "probe0": dataclasses.replace(config(tmp_path, "read"), method="probe", method_config={}),
+            "read1": config(tmp_path, "read", seed=1), "live": config(tmp_path, "read", cache=False)}
+    rows = [train(cfg, tmp_path / name) for name, cfg in runs.items()]
+    assert [r["status"] for r in rows] == ["ok"] * 4, [r["error"] for r in rows]
+    assert rows[3]["cache_builds"] is None
+    with_share = with_cache_shares(rows)
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/manifest.json")}
+    assert len(manifests) == 4  # train and validation per seed (a random backbone is drawn by its seed)
+    readers = {cid: [r for r in with_share if r["cache_builds"] and cid in json.loads(r["cache_builds"])]
+               for cid in manifests}
+    assert sorted(len(v) for v in readers.values()) == [1, 1, 2, 2]  # READ and the probe share seed 0's
+    total_share = sum(r["cache_share_s"] for r in with_share)
+    assert total_share == pytest.approx(sum(m["build_s"] for m in manifests.values()))
+    for r in with_share[:3]:
+        expected = sum(manifests[c]["build_s"] / len(readers[c]) for c in json.loads(r["cache_builds"]))
+        assert r["cache_share_s"] == pytest.approx(expected) and r["cache_share_s"] > 0
+        assert r["time_with_cache_s"] == pytest.approx(r["train_time_s"] + r["cache_share_s"])
+    assert with_share[3]["cache_share_s"] == 0 and with_share[3]["time_with_cache_s"] == with_share[3]["train_time_s"]
