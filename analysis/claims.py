@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 
 from study import schema
-from study.quality import bootstrap_ci  # one CI for the study and the analysis
+from study.quality import FLOOR, bootstrap_ci, quality_rows  # one CI for the study and the analysis
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA)
 VERDICT_KEYS = ("claim", "scope", "verdict", "statistic", "ci", "n", "details")
 
 PARAMS_CLAIM = "read-params-flat"
+FLOOR_CLAIM = "clears-the-probe-floor"  # a tuned method beats the linear probe on the same backbone
 CONVERGENCE_CLAIM = "read-slower-convergence-small-data"
 
 FLAT_SLOPE = 0.05  # |log-log slope| at most this is "flat": doubling the axis changes the count by < 3.5%
@@ -569,12 +570,63 @@ def pareto_front(frame: pd.DataFrame, cost: str, metric: str = "best_metric") ->
     return pd.Series(front, index=frame.index, dtype=bool)
 
 
+QUALITY_COLUMNS = ["mean", "ci_low", "ci_high", "seeds", "probe_mean", "below_probe"]
+
+
+def quality(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per method × backbone (× task, train size): the confirm seeds' mean and bootstrap 95% CI, the probe
+    floor, and whether the method fell below it (study.quality; pretrained backbones only)."""
+    records = trials[trials["status"] != "estimated"].astype(object).where(trials.notna(), None).to_dict("records")
+    rows = quality_rows([r for r in records if r.get("weights") != "random"])
+    cols = ["method", "backbone", "task", "train_size", "metric_name", "search_trials", "search_best", *QUALITY_COLUMNS]
+    return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
+
+
 def quality_per_cost(trials: pd.DataFrame) -> pd.DataFrame:
-    """Best trial per method on each backbone, flagged when on the Pareto front of memory and of params."""
+    """Per method on each backbone: the best search trial's costs, the reported quality (confirm seeds' mean
+    and CI, else the search best) and the probe floor; flagged when on the Pareto front of memory and of
+    params (on the reported quality)."""
     best = best_per_method(trials)
+    q = quality(trials)
+    if q.empty or "role" not in trials:
+        best = best.assign(mean=best["best_metric"], ci_low=np.nan, ci_high=np.nan, seeds=0, probe_mean=np.nan,
+                           below_probe=None)
+    else:
+        per = q.sort_values("mean", ascending=False).drop_duplicates(["backbone", "method"])
+        best = best.merge(per[["backbone", "method", *QUALITY_COLUMNS]], on=["backbone", "method"], how="left")
+        best["mean"] = best["mean"].fillna(best["best_metric"])
     best["front_memory"] = False
     best["front_params"] = False
     for _, g in best.groupby("backbone"):
-        best.loc[g.index, "front_memory"] = pareto_front(g, "peak_memory_bytes")
-        best.loc[g.index, "front_params"] = pareto_front(g, "params_trainable")
+        best.loc[g.index, "front_memory"] = pareto_front(g, "peak_memory_bytes", "mean")
+        best.loc[g.index, "front_params"] = pareto_front(g, "params_trainable", "mean")
     return best
+
+
+def floor_verdicts(trials: pd.DataFrame) -> list[Verdict]:
+    """Every tuned method against the linear probe on the same backbone, task and training-set size.
+
+    Rule: the method's 95% CI (over confirm seeds) entirely above the probe's mean → supported (it
+    clears the floor); entirely below → not supported (under-tuned or broken: the summary table and
+    the plots flag it too); otherwise inconclusive; no probe or no seeds → no data.
+    """
+    q = quality(trials)
+    rule = ("method's bootstrap 95% CI over seeds entirely above the probe's mean → supported; entirely below → "
+            "not supported (under-tuned or broken); overlapping → inconclusive")
+    out = []
+    for r in q[q["method"] != FLOOR].itertuples():
+        scope = f"{r.method} on {r.backbone} ({r.task}, n={r.train_size})"
+        base = {"method": r.method, "backbone": r.backbone, "task": r.task, "train_size": r.train_size, "rule": rule,
+                "mean": r.mean, "probe_mean": r.probe_mean, "seeds": int(r.seeds)}
+        if pd.isna(r.probe_mean) or pd.isna(r.ci_low):
+            why = "no probe on this backbone" if pd.isna(r.probe_mean) else "fewer than 2 confirm seeds"
+            out.append(Verdict(FLOOR_CLAIM, scope, NO_DATA, None, None, int(r.seeds), {**base, "summary": f"no data: {why}"}))
+            continue
+        diff, ci = r.mean - r.probe_mean, (r.ci_low - r.probe_mean, r.ci_high - r.probe_mean)
+        verdict = SUPPORTED if ci[0] > 0 else NOT_SUPPORTED if ci[1] < 0 else INCONCLUSIVE
+        words = {SUPPORTED: "clears the probe", NOT_SUPPORTED: "below the probe: under-tuned or broken",
+                 INCONCLUSIVE: "within noise of the probe"}[verdict]
+        out.append(Verdict(FLOOR_CLAIM, scope, verdict, float(diff), (float(ci[0]), float(ci[1])), int(r.seeds),
+                           {**base, "summary": f"{r.method} {r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] vs probe "
+                                               f"{r.probe_mean:.3f} on {r.backbone}: {words}"}))
+    return out

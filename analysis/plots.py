@@ -127,14 +127,23 @@ def pareto(best: pd.DataFrame, cost: str, path: str | Path | None = None) -> Fig
     rows = int(np.ceil(len(backbones) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
     colors = _colors(list(best["method"].unique()))
+    y = "mean" if "mean" in best else "best_metric"  # the confirm seeds' mean when there is one
     for ax, backbone in zip(axes.flat, backbones, strict=False):
-        g = best[best["backbone"] == backbone].dropna(subset=[cost, "best_metric"])
+        g = best[best["backbone"] == backbone].dropna(subset=[cost, y])
         for r in g.itertuples():
-            x = getattr(r, cost) / scale
-            ax.scatter(x, r.best_metric, color=colors[r.method], s=40)
-            ax.annotate(r.method, (x, r.best_metric), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            x, v = getattr(r, cost) / scale, getattr(r, y)
+            below = bool(getattr(r, "below_probe", False) is True)
+            lo, hi = getattr(r, "ci_low", np.nan), getattr(r, "ci_high", np.nan)
+            if not (pd.isna(lo) or pd.isna(hi)):  # bootstrap 95% CI over the confirm seeds
+                ax.errorbar(x, v, yerr=[[v - lo], [hi - v]], color=colors[r.method], capsize=3, lw=1)
+            ax.scatter(x, v, s=40, color="none" if below else colors[r.method], edgecolors=colors[r.method])
+            ax.annotate(r.method + (" (<probe)" if below else ""), (x, v), fontsize=8, xytext=(3, 3),
+                        textcoords="offset points")
+        floor = g.loc[g["method"] == "probe", y]
+        if len(floor):  # the linear probe: the floor every method must clear
+            ax.axhline(float(floor.iloc[0]), color="grey", ls="--", lw=0.8, label="probe floor")
         front = g[g[front_col]].sort_values(cost)
-        ax.step(front[cost] / scale, front["best_metric"], where="post", color="grey", lw=1)
+        ax.step(front[cost] / scale, front[y], where="post", color="grey", lw=1)
         weights = set(g["weights"].dropna()) if "weights" in g else set()
         note = " (random weights)" if weights == {"random"} else ""
         ax.set(xscale="log" if len(g) and (g[cost] > 0).all() else "linear", title=f"{backbone}{note}",

@@ -23,7 +23,8 @@ from analysis import claims, report
 
 pytestmark = pytest.mark.integration
 SCALING = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-70b", "--methods", "read", "lora", "full",
-           "--task", "synthetic", "--trials-per-method", "1", "--epochs", "3", "--cost-runs", "none",
+           "probe", "--task", "synthetic", "--trials-per-method", "1", "--epochs", "3", "--cost-runs", "none",
+           "--train-size", "128", "--confirm-seeds", "2",
            # meta-device memory estimates up to 70B take minutes on 2 cores; counts alone take seconds
            "--no-memory-estimates"]
 CONVERGENCE = ["--backbone", "llama-tiny", "--methods", "read", "lora", "--task", "synthetic", "--sizes", "32", "64",
@@ -75,7 +76,7 @@ def test_notebook_executes_on_the_venv_kernel(reported, name):
 def test_verdicts_json_has_a_well_formed_entry_per_claim(reported):
     entries = [e for d in reported.values() for e in json.loads((d / "verdicts.json").read_text(encoding="utf-8"))]
     assert all(claims.verdict_problems(e) == [] for e in entries), entries
-    expected = {claims.PARAMS_CLAIM, claims.CONVERGENCE_CLAIM, *(c.claim for c in claims.COST_CLAIMS)}
+    expected = {claims.PARAMS_CLAIM, claims.CONVERGENCE_CLAIM, claims.FLOOR_CLAIM, *(c.claim for c in claims.COST_CLAIMS)}
     assert {e["claim"] for e in entries} == expected
     # counts are exact and planned up to llama-70b: these verdicts do not depend on training noise
     params = {e["details"]["axis"]: e for e in entries if e["claim"] == claims.PARAMS_CLAIM
