@@ -575,10 +575,11 @@ QUALITY_COLUMNS = ["mean", "ci_low", "ci_high", "seeds", "probe_mean", "below_pr
 
 def quality(trials: pd.DataFrame) -> pd.DataFrame:
     """Per method × backbone (× task, train size): the confirm seeds' mean and bootstrap 95% CI, the probe
-    floor, and whether the method fell below it (study.quality; pretrained backbones only)."""
+    floor, and whether the method fell below it (study.quality)."""
     records = trials[trials["status"] != "estimated"].astype(object).where(trials.notna(), None).to_dict("records")
-    rows = quality_rows([r for r in records if r.get("weights") != "random"])
-    cols = ["method", "backbone", "task", "train_size", "metric_name", "search_trials", "search_best", *QUALITY_COLUMNS]
+    rows = quality_rows(records)
+    cols = ["method", "backbone", "weights", "task", "train_size", "metric_name", "search_trials", "search_best",
+            *QUALITY_COLUMNS]
     return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
 
 
@@ -618,8 +619,9 @@ def floor_verdicts(trials: pd.DataFrame) -> list[Verdict]:
         scope = f"{r.method} on {r.backbone} ({r.task}, n={r.train_size})"
         base = {"method": r.method, "backbone": r.backbone, "task": r.task, "train_size": r.train_size, "rule": rule,
                 "mean": r.mean, "probe_mean": r.probe_mean, "seeds": int(r.seeds)}
-        if pd.isna(r.probe_mean) or pd.isna(r.ci_low):
-            why = "no probe on this backbone" if pd.isna(r.probe_mean) else "fewer than 2 confirm seeds"
+        if r.weights == "random" or pd.isna(r.probe_mean) or pd.isna(r.ci_low):
+            why = ("random weights: a cost run, its metric means nothing" if r.weights == "random"
+                   else "no probe on this backbone" if pd.isna(r.probe_mean) else "fewer than 2 confirm seeds")
             out.append(Verdict(FLOOR_CLAIM, scope, NO_DATA, None, None, int(r.seeds), {**base, "summary": f"no data: {why}"}))
             continue
         diff, ci = r.mean - r.probe_mean, (r.ci_low - r.probe_mean, r.ci_high - r.probe_mean)

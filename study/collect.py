@@ -172,7 +172,7 @@ def summary_table(trials: list[dict]) -> str:
         cur = best.get(key)
         if cur is None or (score is not None and (cur.get("best_metric") is None or score > cur["best_metric"])):
             best[key] = r
-    q = {(r["method"], r["backbone"]): r for r in quality.quality_rows([t for t in trials if t.get("weights") != "random"])}
+    q = {(r["method"], r["backbone"]): r for r in quality.quality_rows(trials)}
     head = f"{'method':<8} {'backbone':<22} {'quality: mean [95% CI]':>24} {'seeds':>5} {'search':>7} " \
            f"{'trainable':>10} {'peak mem':>16} {'energy':>12} {'time+cache':>10}  trials"
     lines = [head, "-" * len(head)]

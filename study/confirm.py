@@ -87,6 +87,6 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
 
 
 def write_quality(out: Path, trials: list[dict]) -> Path:
-    """quality.parquet from the finished rows (pretrained backbones only: a random backbone's metric is noise)."""
-    rows = quality.quality_rows([t for t in trials if t.get("weights") != "random"])
+    """quality.parquet from the finished rows (`weights` says which are random: their metric means nothing)."""
+    rows = quality.quality_rows(trials)
     return schema.write_quality(rows, out / "quality.parquet")

@@ -33,7 +33,7 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, level: float = LEVEL, 
 
 
 def quality_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method × backbone × task × train size that trained with meaningful (pretrained) weights."""
+    """One row per method × backbone × task × train size that finished (random weights too: `weights` says so)."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in trials:
         if r.get("status") != "ok" or r.get("best_metric") is None:

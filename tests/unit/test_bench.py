@@ -7,6 +7,7 @@ import json
 import pytest
 
 from study import bench
+from trainables.methods import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -31,7 +32,7 @@ def test_memory_bench_tracks_and_estimates_every_method_alike(capsys):
     assert bench.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["check"]["rows"]
-    assert [r["method"] for r in rows][0] == "full" and len(rows) == 9  # every method, full first
+    assert [r["method"] for r in rows][0] == "full" and len(rows) == len(REGISTRY)  # every method, full first
     for r in rows:
         assert "error" not in r, r
         assert abs(r["error_vs_tracked"]) <= 0.10, r  # fake-tensor accounting vs a real CPU step
