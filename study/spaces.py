@@ -8,7 +8,9 @@ settings (RunConfig fields); `m.<key>` keys go to the method's config.
 
 Side methods at this study's batch size (16, not the LST repo's 100) were checked with an lr
 sweep on MiniLM-L6 (vader-movies, 1,000 examples, 4 epochs = 252 steps; figures in issue 13's
-closing note): their best lrs fall inside these ranges.
+closing note): READ 0.732 / 0.746 / 0.774 / 0.758 at 1e-4 / 3e-4 / 1e-3 / 3e-3; LST 0.772 / 0.758 /
+0.736 at 3e-4 / 1e-3 / 3e-3 (hence LST and SHERL centred at 1e-3, not the batch-100 3e-3); the
+probe 0.698 / 0.700 / 0.710 / 0.708 at 1e-3 / 3e-3 / 1e-2 / 3e-2. Every best lies inside its range.
 """
 
 from __future__ import annotations
