@@ -307,3 +307,15 @@ def test_cache_build_cost_is_split_over_its_readers_and_sums_to_the_measured_bui
         assert r["cache_share_s"] == pytest.approx(expected) and r["cache_share_s"] > 0
         assert r["time_with_cache_s"] == pytest.approx(r["train_time_s"] + r["cache_share_s"])
     assert with_share[3]["cache_share_s"] == 0 and with_share[3]["time_with_cache_s"] == with_share[3]["train_time_s"]
+
+
+def test_the_default_budget_measures_methods():
+    """Same trials for every method (>= 8), hundreds of steps, 3 confirm seeds, one example < 0.2 points."""
+    from study import scaling
+
+    s = scaling.DEFAULT
+    assert s.trials_per_method >= 8 and s.confirm_seeds == 3
+    assert s.epochs * s.train_size // 16 >= 150  # optimisation steps at the default batch size
+    assert 100 / s.max_eval_examples <= 0.2
+    assert "probe" in scaling.DEFAULT_METHODS and "probe" in scaling.QUICK_METHODS
+    assert all(backbones.get_spec(b).local or b.startswith("llama-") for b in scaling.DEFAULT_RUN_BACKBONES)
