@@ -15,6 +15,7 @@ from typing import Any
 
 from study import schema
 from study.plan import describe
+from study.storage import Location
 from trainables import backbones
 from trainables.methods import get_method
 from trainables.methods.base import config_to_dict
@@ -23,18 +24,28 @@ _TRIAL_KEYS = set(schema.TRIAL_COLUMNS)
 
 
 def environment() -> dict[str, Any]:
-    """Versions and the code revision, recorded on every row."""
+    """Versions and the code revision, recorded on every row.
+
+    Called on the driver, which carries the values into every row it writes: trial nodes
+    need no `.git` (a cluster's file mounts leave it out; the head gets it, see cluster.yaml).
+    `git_dirty`: the working tree differed from `git_sha` (uncommitted changes ran).
+    """
     import deepspeed
     import ray
     import torch
     import transformers
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    return {"git_sha": sha, "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    sha = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"git_sha": sha, "git_dirty": None if status is None else bool(status.strip()),
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "ray_version": ray.__version__, "deepspeed_version": deepspeed.__version__}
 
 
@@ -132,9 +143,10 @@ def with_cache_shares(trials: list[dict]) -> list[dict]:
     return out
 
 
-def write(study_dir: Path, trials: list[dict], epochs: list[dict]) -> tuple[Path, Path]:
-    return (schema.write_trials(trials, study_dir / "trials.parquet"),
-            schema.write_epochs(epochs, study_dir / "epochs.parquet"))
+def write(study_dir: str | Path | Location, trials: list[dict], epochs: list[dict]) -> tuple[Location, Location]:
+    """Both tables, each written atomically to the study's storage (a local folder or a cloud URI)."""
+    out = Location.of(study_dir)
+    return schema.write_trials(trials, out / "trials.parquet"), schema.write_epochs(epochs, out / "epochs.parquet")
 
 
 def _fmt_bytes(n: Any) -> str:

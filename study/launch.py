@@ -15,7 +15,6 @@ import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,6 +26,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from study.spaces import split_hp
+from study.storage import Location, tune_storage
 from trainables.ray_trainable import OBJECTIVE, run_trial
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the study folder
@@ -157,8 +157,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def experiment_path(study_dir: str) -> str:
-    return str(study_dir).rstrip("/") + "/" + EXPERIMENT
+def _tune_storage(study_dir: str) -> tuple[str, Any]:
+    """(experiment path, filesystem): Tune reads and writes through the study's own storage filesystem."""
+    path, fs = tune_storage(Location.of(study_dir))
+    return f"{path}/{EXPERIMENT}", fs
 
 
 def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool = False,
@@ -169,9 +171,10 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
     # so Tune would warn on nearly every epoch: the snapshots stay, the warning goes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(run_trial, lambda config: config["resources"])
-    path = experiment_path(study_dir)
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    path, fs = _tune_storage(study_dir)
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
         return tuner.fit()
     searcher = GroupedSearch(groups, metric=OBJECTIVE, mode="max", seed=seed)
     scheduler = (GroupedASHA(OBJECTIVE, "max", max_t={g.name: int(g.run.get("epochs", 1)) for g in groups})
@@ -182,7 +185,7 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
                                     num_samples=sum(g.n_trials for g in groups), reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=str(study_dir), verbose=verbose,
+            name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
@@ -192,15 +195,8 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
 
 def results(study_dir: str) -> tune.ResultGrid | None:
     """The ResultGrid of a study's experiment as stored (after an interrupt, too)."""
-    path = experiment_path(study_dir)
-    if not tune.Tuner.can_restore(path):
+    path, fs = _tune_storage(study_dir)
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         return None
-    return tune.Tuner.restore(path, trainable=tune.with_resources(run_trial, lambda c: c["resources"])).get_results()
-
-
-def storage_is_local(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
-
-
-def local_path(storage: str) -> Path:
-    return Path(storage.removeprefix("file://")).expanduser().resolve()
+    return tune.Tuner.restore(path, trainable=tune.with_resources(run_trial, lambda c: c["resources"]),
+                              storage_filesystem=fs).get_results()

@@ -8,6 +8,12 @@ one holding φ_0..φ_L (LST), so such requests are merged. Every missing cache i
 Ray tasks, one per shard, writing into a staging folder that `cache.ensure` commits under
 the cache's lock; trials then only read (`cache_dir` in their run config).
 
+The caches live in the study's storage, `<storage>/.activations/`, where every node can
+read them: a local `--storage` must be one folder for all nodes (checked: one machine or
+a shared file system); with cloud storage the shard tasks upload what they write and the
+manifest is committed last (`ensure_published`), and each node's trials fetch a cache once
+into a node-local mirror (`cache.fetch`).
+
 A backbone under ZeRO-3 (`zero: on`, or auto when it does not fit a device) is built
 partitioned; with `ranks > 1` the shards are spread over that many Ray actors forming
 one torch.distributed group, kept in lockstep (`cache.write_shards(per_rank=...)`).
@@ -17,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +35,11 @@ import datasets
 import ray
 import torch
 
-from study import launch
 from study.launch import Group
+from study.storage import Location, is_uri
 from trainables import cache, loop, zero
 from trainables.backbones import build, get_spec
+from trainables.energy import EnergyMeter
 from trainables.methods import apply_method, get_method
 
 
@@ -45,11 +55,9 @@ class Need:
     gpus: float = 0  # per builder, as the group's trials ask
 
 
-def cache_root(study_folder: str) -> Path | None:
-    """`<storage>/.activations` beside the study folders (shared by studies), None for cloud storage."""
-    if not launch.storage_is_local(study_folder):
-        return None  # trials fall back to their node's default cache folder
-    return launch.local_path(study_folder).parent / ".activations"
+def cache_root(study_folder: str) -> Location:
+    """`<storage>/.activations` beside the study folders (shared by studies), local or cloud alike."""
+    return Location.of(study_folder).parent / ".activations"
 
 
 def needs_of(group: Group) -> list[Need]:
@@ -114,8 +122,17 @@ def _write(need: Need, staging: str, shards: list[tuple[int, range]], per_rank: 
             raise RuntimeError(f"builder drew other random weights than the trial ({got} != {need.key.weights})")
     cfg = loop.RunConfig.from_dict(need.run)
     try:
-        return cache.write_shards(backbone, spec, need.split, need.key, Path(staging), shards,
-                                  pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size, per_rank=per_rank)
+        if not is_uri(staging):  # a folder every node sees (one machine, or a shared file system)
+            return cache.write_shards(backbone, spec, need.split, need.key, Path(staging), shards,
+                                      pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size,
+                                      per_rank=per_rank)
+        with tempfile.TemporaryDirectory(prefix="petl-shards-") as tmp:  # cloud: this node's disk, then one PUT each
+            records = cache.write_shards(backbone, spec, need.split, need.key, Path(tmp), shards,
+                                         pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size,
+                                         per_rank=per_rank)
+            for record in records:
+                (Location.of(staging) / record["file"]).upload(Path(tmp) / record["file"])
+            return records
     finally:
         if partitioned is not None:
             partitioned.close()
@@ -188,7 +205,75 @@ def check_room(ranks: int, cpus: int, gpus: float) -> None:
                          f"has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs (lower --zero-ranks)")
 
 
-def build_all(needs: Sequence[Need], root: Path, *, ranks: int = 1, shard_bytes: int = cache.SHARD_BYTES,
+def published(folder: Location, key: cache.CacheKey) -> str | None:
+    """None if `folder` (cloud) holds a complete cache for `key`: its manifest, and every shard it names at
+    its size (readers check the sha256 when they fetch); else why not."""
+    try:
+        manifest = (folder / cache.MANIFEST).read_json()
+    except FileNotFoundError:
+        return "no cache"
+    except ValueError as e:
+        return f"unreadable manifest ({e})"
+    if manifest.get("format") != cache.FORMAT or manifest.get("fingerprint") != key.fingerprint():
+        return "stale (fingerprint or format differs)"
+    for shard in manifest["shards"]:
+        where = folder / shard["file"]
+        if not where.is_file() or where.size() != shard["bytes"]:
+            return f"{shard['file']} missing or truncated"
+    return None
+
+
+def ensure_published(root: Location, key: cache.CacheKey, lengths: Any, d: int, writer: cache.ShardWriter,
+                     shard_bytes: int = cache.SHARD_BYTES) -> tuple[Location, str]:
+    """`cache.ensure` for cloud storage, which has neither locks nor rename: each build writes its shards
+    under its own prefix (`build-<id>/`) and commits with one PUT of the manifest naming them. Concurrent
+    builders (other drivers, other nodes) each leave a complete build; the last manifest wins, and no
+    manifest ever names a partial one."""
+    folder = root / key.fingerprint()
+    why = published(folder, key)
+    if why is None:
+        return folder, "hit"
+    build = folder / f"build-{uuid.uuid4().hex[:12]}"
+    start = time.perf_counter()
+    meter = EnergyMeter("cuda" if torch.cuda.is_available() else "cpu").start()  # as cache.ensure measures
+    records = writer(build.uri, cache.shard_ranges(lengths, key, d, shard_bytes))
+    joules = meter.stop()
+    records = [{**r, "file": f"{build.name}/{r['file']}"} for r in records]
+    (folder / cache.MANIFEST).write_json(cache.manifest_of(key, lengths, records, time.perf_counter() - start,
+                                                           joules, meter.source))
+    return folder, f"built ({why})"
+
+
+class NotShared(ValueError):
+    """A local --storage that some node of the Ray cluster cannot see."""
+
+
+@ray.remote(num_cpus=0)
+def _sees(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared(root: Path) -> None:
+    """Shard writers and trials may run on any node: a local cache folder must be the same on every one
+    (one machine, or a shared file system). A marker written here must be visible from each live node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".visible-{uuid.uuid4().hex[:8]}"
+    marker.write_text("ok")
+    try:
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        seen = ray.get([_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                        .remote(str(marker)) for n in nodes])
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n[:8] for n, ok in zip(nodes, seen, strict=True) if not ok]
+    if blind:
+        raise NotShared(f"storage folder {root.parent} is not visible from Ray node(s) {', '.join(blind)}: "
+                        "on a cluster use a shared file system or s3://BUCKET/PREFIX for --storage")
+
+
+def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, shard_bytes: int = cache.SHARD_BYTES,
               progress: Callable[[str], None] = lambda s: None) -> dict[str, str]:
     """Ensure every needed cache under `root`; returns {fingerprint: what happened}.
 
@@ -202,8 +287,9 @@ def build_all(needs: Sequence[Need], root: Path, *, ranks: int = 1, shard_bytes:
     done: dict[str, str] = {}
 
     def ensure(need: Need, writer: cache.ShardWriter) -> None:
-        folder, status = cache.ensure(root, need.key, cache.lengths_of(need.split),
-                                      get_spec(need.key.backbone).d_model, writer, shard_bytes)
+        args = (need.key, cache.lengths_of(need.split), get_spec(need.key.backbone).d_model, writer, shard_bytes)
+        folder, status = (ensure_published(root, *args) if isinstance(root, Location) and not root.local
+                          else cache.ensure(Location.of(root).local_path, *args))
         done[need.key.fingerprint()] = status
         progress(f"activation cache {need.key.backbone} / {need.key.task} {need.key.split} "
                  f"({need.key.positions}, φ_0..φ_{need.key.taps[-1]}): {status} -> {folder}")
@@ -230,10 +316,10 @@ def with_caches(groups: Sequence[Group], study_folder: str, progress: Callable[[
     `ranks`: devices one partitioned (ZeRO) backbone is spread over while building.
     """
     root = cache_root(study_folder)
-    if root is None:
-        progress("activation caches: cloud storage, trials build their own on their node")
-        return list(groups)
     needs = {g.name: needs_of(g) for g in groups}
     if any(needs.values()):
+        if root.local:
+            check_shared(root.local_path)
         build_all([n for ns in needs.values() for n in ns], root, ranks=ranks, progress=progress)
-    return [dataclasses.replace(g, run={**g.run, "cache_dir": str(root)}) if needs[g.name] else g for g in groups]
+    # a cloud root: each node's trials fetch it once into their node-local mirror (cache.fetch)
+    return [dataclasses.replace(g, run={**g.run, "cache_dir": root.uri}) if needs[g.name] else g for g in groups]

@@ -8,8 +8,6 @@ planning, after the run, and after an interrupt, so nothing finished is ever los
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from study import collect, launch, prepare
+from study.storage import Location, StorageError, is_uri
 from trainables import backbones
 from trainables.methods import REGISTRY, get_method
 from trainables.tasks import TASK_NAMES
@@ -75,38 +74,33 @@ def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: arg
 
 
 def study_dir(storage: str, name: str, resume: bool) -> str:
-    """Check the storage before anything runs; refuse to overwrite a study without --resume."""
-    if not launch.storage_is_local(storage):
-        return storage.rstrip("/") + "/" + name
-    root = launch.local_path(storage)
+    """Check the storage before anything runs (reachable, credentials, writable, local or cloud alike);
+    refuse to overwrite a study without --resume, or to resume one that is not there."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"storage {storage!r} is not writable: {e.strerror or e}") from None
-    folder = root / name
-    if (folder / launch.EXPERIMENT).exists() and not resume:
+        root = Location.of(storage)
+        root.check_writable()
+        folder = root / name
+        exists = (folder / launch.EXPERIMENT).exists()
+    except StorageError as e:
+        raise UsageError(str(e)) from None
+    if exists and not resume:
         raise UsageError(f"study {name!r} already exists in {root}; pass --resume to continue it or --name NEW")
-    if resume and not (folder / launch.EXPERIMENT).exists():
+    if resume and not exists:
         raise UsageError(f"nothing to resume: no study {name!r} in {root}")
-    return str(folder)
+    return folder.uri
 
 
 def plan_cache(storage: str) -> Path | None:
     """Memory estimates are remembered across studies under a local storage root."""
-    return launch.local_path(storage) / ".plan-cache.json" if launch.storage_is_local(storage) else None
+    return None if is_uri(storage) else Location.of(storage).local_path / ".plan-cache.json"
 
 
 def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: list[dict[str, Any]], *,
             plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
             early_stopping: bool = True, zero_ranks: int = 1) -> tuple[list[dict], list[dict]]:
     """Run the groups on Ray Tune and write the Parquet tables, also when interrupted."""
-    local = launch.storage_is_local(folder)
-    out = Path(folder) if local else Path("results") / name  # cloud: Tune writes there; Parquet also local
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan_info, indent=2, default=str))
+    out = Location.of(folder)  # every table and file of the study goes there, local or cloud
+    (out / "plan.json").write_json(plan_info)
     env = collect.environment()
     estimated = [{**r, **env, "study": name, "trial_id": f"estimated:{r['method']}:{r['backbone']}"} for r in estimated]
     if not resume:  # a resumed study keeps its tables until the new ones are written
@@ -120,7 +114,7 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     launch.init_ray(address)
     try:  # side methods: taps computed once, before any trial
         groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
-    except prepare.NoRoom as e:
+    except (prepare.NoRoom, prepare.NotShared) as e:
         raise UsageError(str(e)) from None
     grid, stopped = None, None
     try:

@@ -3,19 +3,20 @@
 `trials.parquet` has one row per trial (and one per pair that was only estimated);
 `epochs.parquet` one row per trial × epoch. Hyperparameters are `hp.<name>` columns,
 typed from their values. Missing values are nulls, never NaN. Files are written
-atomically (temp file, then rename), so a reader never sees half a table.
+atomically through `study.storage` (local or cloud), so a reader never sees half a table.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from study.storage import Location
 
 SCHEMA_VERSION = "2"  # 2: pooling, method_config, role; quality.parquet
 STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated")  # estimated: planned, too big to run here
@@ -27,6 +28,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("trial_id", pa.string(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
     pa.field("git_sha", pa.string()),
+    pa.field("git_dirty", pa.bool_()),  # uncommitted changes in the driver's working tree
     pa.field("method", pa.string(), nullable=False),
     pa.field("method_family", pa.string()),
     pa.field("backbone", pa.string(), nullable=False),
@@ -158,19 +160,16 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def write_atomic(table: pa.Table, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+def write_atomic(table: pa.Table, path: str | Path | Location) -> Location:
+    """Through the study's storage (local folder or cloud URI): a reader never sees half a table."""
+    return Location.of(path).write_parquet(table)
 
 
-def write_trials(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_trials(rows: list[dict[str, Any]], path: str | Path | Location) -> Location:
     return write_atomic(to_table(rows, trial_schema(rows)), path)
 
 
-def write_epochs(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_epochs(rows: list[dict[str, Any]], path: str | Path | Location) -> Location:
     return write_atomic(to_table(rows, epoch_schema()), path)
 
 

@@ -181,9 +181,12 @@ def build(spec: str | BackboneSpec, device: Device | str = "meta", weights: Weig
     if causal_lm and spec.family != "llama":
         raise ValueError(f"causal_lm builds exist only for the llama family, not {spec.family}")
     kwargs = {"add_pooling_layer": False} if spec.family == "bert" else {}
-    with torch.device(device):
+    # Random values are drawn on the CPU whatever the target device (CUDA's generator draws other
+    # numbers from the same seed): a trial on a GPU node gets the weights, and so the activation-cache
+    # key, that the planner and the cache builders computed on CPU.
+    with torch.device("meta" if str(device) == "meta" else "cpu"):
         model = cls(cfg, **kwargs)
-    return model.to(dtype).eval()
+    return model.to(dtype).to(device).eval()
 
 
 def _load_pretrained(spec: BackboneSpec, cfg: LlamaConfig | BertConfig, dtype: torch.dtype) -> nn.Module:

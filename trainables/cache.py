@@ -54,8 +54,8 @@ MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARD_BYTES = 256 * 2**20  # target shard size: a shard is assembled in memory before it is written
 Positions = Literal["all", "first", "last"]
-# write_shards(staging folder, example ranges) -> one manifest record per range, in order
-ShardWriter = Callable[[Path, list[range]], list[dict[str, Any]]]
+# write_shards(staging folder or storage URI, example ranges) -> one manifest record per range, in order
+ShardWriter = Callable[[Path | str, list[range]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,15 @@ def _locked(root: Path, name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def manifest_of(key: CacheKey, lengths: np.ndarray, records: list[dict[str, Any]], build_s: float,
+                joules: float | None, energy_source: str) -> dict[str, Any]:
+    """What marks a cache complete, written last: the key, every shard with its size and sha256, the build's cost."""
+    return {"format": FORMAT, "fingerprint": key.fingerprint(), "key": dataclasses.asdict(key),
+            "examples": len(lengths), "tokens": int(lengths.sum()), "shards": records,
+            "bytes": sum(r["bytes"] for r in records), "build_s": round(build_s, 3),
+            "build_energy_joules": joules, "build_energy_source": energy_source, "created_at": time.time()}
+
+
 def ensure(root: Path, key: CacheKey, lengths: np.ndarray, d: int, write_shards: ShardWriter,
            shard_bytes: int = SHARD_BYTES) -> tuple[Path, str]:
     """The valid cache folder for `key`, building it if needed; returns (folder, what happened)."""
@@ -257,11 +266,7 @@ def ensure(root: Path, key: CacheKey, lengths: np.ndarray, d: int, write_shards:
             meter = EnergyMeter("cuda" if torch.cuda.is_available() else "cpu").start()  # the builders' node
             records = write_shards(staging, shard_ranges(lengths, key, d, shard_bytes))
             joules = meter.stop()
-            manifest = {"format": FORMAT, "fingerprint": name, "key": dataclasses.asdict(key),
-                        "examples": len(lengths), "tokens": int(lengths.sum()), "shards": records,
-                        "bytes": sum(r["bytes"] for r in records),
-                        "build_s": round(time.perf_counter() - start, 3), "build_energy_joules": joules,
-                        "build_energy_source": meter.source, "created_at": time.time()}
+            manifest = manifest_of(key, lengths, records, time.perf_counter() - start, joules, meter.source)
             tmp = staging / f".{MANIFEST}.tmp"
             tmp.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp, staging / MANIFEST)  # the manifest last: it is what marks a cache complete
@@ -453,6 +458,59 @@ def forget() -> None:
     _OPEN.clear()
 
 
+# --------------------------------------------------------------------------- a cache in cloud storage
+
+def is_remote(root: str | Path | None) -> bool:
+    """A cloud URI (s3://...): the study's storage, which every node of a cluster can read."""
+    return root is not None and "://" in str(root) and not str(root).startswith("file://")
+
+
+def fetch(uri: str, key: CacheKey, mirror: Path) -> Path | None:
+    """This node's verified copy of the cache for `key` published under `uri`, or None if none is published.
+
+    The study's driver publishes a cache as shards under a per-build prefix and the manifest last,
+    in one PUT (study.prepare): a manifest names only complete shards. Each node downloads it once,
+    under the node's lock for that cache, into `mirror` (node-local disk), checks every shard's
+    sha256 and renames the folder into place: trials then memory-map it like a local cache.
+    """
+    import pyarrow.fs as pafs  # only nodes reading a cloud cache need it
+
+    name = key.fingerprint()
+    final = mirror / name
+    if verify(final, key) is None:
+        return final
+    fs, base = pafs.FileSystem.from_uri(f"{uri.rstrip('/')}/{name}")
+    try:
+        with fs.open_input_stream(f"{base}/{MANIFEST}") as fh:
+            manifest = json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    if manifest.get("format") != FORMAT or manifest.get("fingerprint") != name:
+        return None
+    mirror.mkdir(parents=True, exist_ok=True)
+    with _locked(mirror, name):
+        if verify(final, key) is None:
+            return final  # another trial on this node fetched it meanwhile
+        staging = Path(tempfile.mkdtemp(dir=mirror, prefix=f".{name}.fetching-"))
+        try:
+            local = []
+            for shard in manifest["shards"]:
+                file = shard["file"].rsplit("/", 1)[-1]
+                pafs.copy_files(f"{base}/{shard['file']}", str(staging / file), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem(), use_threads=False)
+                local.append({**shard, "file": file})
+            (staging / MANIFEST).write_text(json.dumps({**manifest, "shards": local, "source": f"{uri}/{name}"}))
+            why = verify(staging, key)
+            if why is not None:
+                raise RuntimeError(f"activation cache {uri}/{name} is damaged: {why}")
+            shutil.rmtree(final, ignore_errors=True)
+            os.chmod(staging, 0o755)
+            os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
 # --------------------------------------------------------------------------- one trial
 
 class TrialSettings(CacheSettings, Protocol):
@@ -472,12 +530,14 @@ def default_root() -> Path:
 def for_trial(model: SideModel, spec: BackboneSpec, cfg: TrialSettings, splits: dict[str, datasets.Dataset], *,
               weights: str, pad_token_id: int) -> tuple[dict[str, TapReader] | None, str]:
     """Readers for every split (found, or built here with the trial's own backbone), or None and why not."""
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_root()
+    remote = cfg.cache_dir if is_remote(cfg.cache_dir) else None  # a cloud cache is mirrored to this node
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir and not remote else default_root()
     keys = trial_keys(model, spec, cfg, splits, weights=weights)
     found: dict[str, Path] = {}
     for name, key in keys.items():
         folder = next((root / k.fingerprint() for k in candidates(key, spec.n_layers)
-                       if verify(root / k.fingerprint(), k) is None), None)
+                       if verify(root / k.fingerprint(), k) is None
+                       or (remote is not None and fetch(remote, k, root) is not None)), None)
         if folder is not None:
             found[name] = folder
     missing = [name for name in keys if name not in found]

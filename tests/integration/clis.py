@@ -7,8 +7,12 @@ on the machine may run Ray too.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -58,3 +62,29 @@ def kill_session(sid: int) -> None:
             except psutil.Error:
                 pass
         psutil.wait_procs(procs, timeout=10)
+
+
+def kill_when(module: str, *args: str, ready: Callable[[], bool], env: dict[str, str], timeout: int = 240,
+              grace_s: float = 3) -> float:
+    """Start `python -m module args...`, SIGKILL it `grace_s` after `ready()` first holds (a driver killed
+    mid-run), then kill what it started; returns the seconds it ran. Fails if it never gets ready."""
+    t0 = time.time()
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty child would block on a full one
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"{module} ended before it was killed: {log.read()[-3000:]}")
+            if time.time() - t0 > timeout:
+                raise AssertionError(f"{module} was not ready to be killed after {timeout}s")
+            time.sleep(1)
+        time.sleep(grace_s)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        kill_session(proc.pid)
+        log.close()
+    assert not session_processes(proc.pid)
+    return time.time() - t0

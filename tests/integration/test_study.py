@@ -3,11 +3,7 @@ GPU scheduling on a fake multi-node cluster, secrets, cluster.yaml, bad input.""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import clis
 import jsonschema
@@ -15,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from clis import ROOT, cli_env, kill_session, session_processes
+from clis import ROOT, cli_env
 
 from study import schema
 
@@ -75,24 +71,9 @@ def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
     args = [*TINY_STUDY, "--methods", "full", "--trials-per-method", "3", "--epochs", "3", "--confirm-seeds", "0",
             "--storage",
             str(tmp_path), "--no-memory-estimates", "--name", "resume"]
-    proc = subprocess.Popen([sys.executable, "-m", "study.scaling", *args], cwd=ROOT, env=study_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sid = proc.pid
-    try:
-        deadline = time.time() + 240
-        exp = tmp_path / "resume" / "tune"
-        while time.time() < deadline:  # wait until some trial has finished at least one epoch
-            if any(exp.glob("*/epochs.jsonl")) if exp.exists() else False:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the study never started a trial")
-        time.sleep(3)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        kill_session(sid)
-    assert not session_processes(sid)
+    exp = tmp_path / "resume" / "tune"
+    # killed once some trial has finished at least one epoch
+    clis.kill_when("study.scaling", *args, env=study_env(), ready=lambda: any(exp.glob("*/epochs.jsonl")))
 
     out = run_cli("study.scaling", *args, "--resume")
     assert out.returncode == 0, out.stderr[-4000:]
