@@ -1,5 +1,6 @@
 """`python -m analysis.report --scaling DIR --convergence DIR`: every notebook, executed with papermill.
 
+DIR is a study's folder or its URI (`s3://bucket/prefix/scaling`, where `--storage` put it).
 Executed copies go to `<DIR>/notebooks/`; the notebooks write `verdicts.json` and the
 PNG figures next to the Parquet they read. Then the verdicts are printed as a table.
 The kernel is always this interpreter (see `venv_kernel`), so running the CLI with
@@ -16,11 +17,12 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from study import schema
+from study.storage import Location, StorageError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -101,29 +103,59 @@ def verdict_lines(dirs: list[Path]) -> list[str]:
     return lines
 
 
+@contextmanager
+def staged(where: str) -> Iterator[Path]:
+    """A local folder with the study's results: the folder itself, or for a cloud URI (s3://...) a
+    local copy whose new files (verdicts, figures, executed notebooks) are uploaded back, atomically
+    each, once every notebook has run. Notebooks and claims then read and write plain files."""
+    loc = Location.of(where)
+    if loc.local:
+        yield loc.local_path
+        return
+    with tempfile.TemporaryDirectory(prefix="analysis-report-") as tmp:
+        folder = Path(tmp)
+        for name in ("trials.parquet", "epochs.parquet", "verdicts.json"):
+            if (loc / name).is_file():
+                (loc / name).download(folder / name)
+        yield folder
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix != ".parquet":
+                (loc / path.relative_to(folder).as_posix()).upload(path)
+
+
+def check_tables(d: Path, given: str) -> str | None:
+    """Why the results folder cannot be reported on (one line), or None."""
+    if not (d / "trials.parquet").is_file():
+        return f"no trials.parquet in {given}"
+    for table in ("trials.parquet", "epochs.parquet"):
+        try:  # before any notebook starts: a broken table is one line, not a kernel traceback
+            if (d / table).exists():
+                schema.read(d / table)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            return str(e) if str(d / table) in str(e) else f"{given}/{table}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scaling", type=Path, help="a study.scaling results folder (holds trials.parquet)")
-    p.add_argument("--convergence", type=Path, help="a study.convergence results folder")
+    p.add_argument("--scaling", help="a study.scaling results folder or URI (holds trials.parquet)")
+    p.add_argument("--convergence", help="a study.convergence results folder or URI")
     args = p.parse_args(argv)
-    dirs = [d for d in (args.scaling, args.convergence) if d is not None]
-    if not dirs:
+    given = {k: v for k in ("scaling", "convergence") if (v := getattr(args, k)) is not None}
+    if not given:
         p.error("give --scaling DIR and/or --convergence DIR")
-    for d in dirs:
-        if not (d / "trials.parquet").is_file():
-            p.error(f"no trials.parquet in {d}")
-        try:  # before any notebook starts: a broken table is one line, not a kernel traceback
-            for table in ("trials.parquet", "epochs.parquet"):
-                if (d / table).exists():
-                    schema.read(d / table)
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            p.error(str(e) if str(d / table) in str(e) else f"{d / table}: {e}")
-    scaling = args.scaling.resolve() if args.scaling else None
-    convergence = args.convergence.resolve() if args.convergence else None
-    for out in run_all(scaling, convergence):
-        print(f"executed {out}", file=sys.stderr)
-    print("\n".join(verdict_lines([d.resolve() for d in dict.fromkeys(dirs)])))
+    with ExitStack() as stack:
+        try:
+            local = {k: stack.enter_context(staged(v)) for k, v in given.items()}
+        except StorageError as e:
+            p.error(str(e))
+        for k, d in local.items():
+            if (problem := check_tables(d, given[k])) is not None:
+                p.error(problem)
+        for out in run_all(local.get("scaling"), local.get("convergence")):
+            print(f"executed {out}", file=sys.stderr)
+        print("\n".join(verdict_lines(list(dict.fromkeys(local.values())))))
     return 0
 
 

@@ -112,3 +112,27 @@ def test_kernel_is_this_interpreter_even_with_a_stale_python3_kernelspec(tmp_pat
     with report.venv_kernel() as name:
         assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
     assert os.environ["JUPYTER_PATH"] == str(tmp_path)
+
+
+def test_report_reads_a_study_from_s3_and_writes_back_there(studies, monkeypatch):
+    from clis import cli_env
+    from s3server import moto_s3
+
+    from study.storage import Location
+
+    with moto_s3("petl") as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        remote = Location.of("s3://petl/report/scaling")
+        for table in ("trials.parquet", "epochs.parquet"):
+            (remote / table).upload(studies["scaling"] / table)
+        out = run_cli("analysis.report", "--scaling", remote.uri, timeout=300, env=cli_env(**env))
+        assert out.returncode == 0, out.stderr[-4000:]
+        assert "read-params-flat" in out.stdout
+        stored = {"verdicts.json", "notebooks/01_parameter_scaling.ipynb", *FIGURES["01_parameter_scaling"],
+                  *FIGURES["04_quality_per_cost"]}
+        assert all((remote / name).is_file() for name in stored), remote.list()
+        assert {e["claim"] for e in (remote / "verdicts.json").read_json()} >= {claims.PARAMS_CLAIM}
+        missing = run_cli("analysis.report", "--scaling", "s3://petl/report/none", timeout=120, env=cli_env(**env))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].endswith(
+        "no trials.parquet in s3://petl/report/none"), missing.stderr
