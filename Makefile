@@ -1,26 +1,18 @@
 # Two commands do all set-up on a fresh machine: `make study` and `make test`.
-# Both are idempotent: the venv is rebuilt only when pyproject.toml changes,
-# and the asset fetch only verifies what is already in the cache.
+# Both are idempotent: study/setup.sh (the same installer every cluster node runs, see cluster.yaml)
+# reinstalls only when pyproject.toml changes, and the asset fetch only verifies what is already cached.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: study test install assets lint
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel on these machines, never a CUDA download.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+install:
+	bash study/setup.sh --extras dev --venv $(VENV)
 
-install: $(STAMP)
-
-assets: $(STAMP)
-	$(PY) -m study.assets fetch
+assets:
+	bash study/setup.sh --extras dev --venv $(VENV) --assets
 
 # Re-running continues (or re-collects) the same study instead of refusing to overwrite it.
 study: assets
@@ -30,5 +22,5 @@ study: assets
 test: assets
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: install
 	$(VENV)/bin/ruff check .

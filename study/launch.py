@@ -157,6 +157,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
+CPU_ONLY = "cpu_only"  # a custom resource on the cluster's CPU-only node types (cluster.yaml)
+
+
+def cpu_work() -> dict[str, Any]:
+    """Ray options for CPU-only tasks (memory estimates): on a cluster whose CPU node types carry the
+    `cpu_only` resource, ask for it, so the autoscaler starts (and Ray uses) a CPU machine, never a GPU
+    one; elsewhere (a laptop, tests) nothing extra."""
+    return {"resources": {CPU_ONLY: 1}} if ray.cluster_resources().get(CPU_ONLY) else {}
+
+
 def _tune_storage(study_dir: str) -> tuple[str, Any]:
     """(experiment path, filesystem): Tune reads and writes through the study's own storage filesystem."""
     path, fs = tune_storage(Location.of(study_dir))

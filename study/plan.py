@@ -121,7 +121,9 @@ def estimate_memory(pairs: Sequence[tuple[str, str]], *, batch_size: int, seq_le
             cache = json.loads(cache_file.read_text())
     todo = [p for p in pairs if key[p] not in cache]
     if todo:
-        task = ray.remote(num_cpus=1)(_estimate)
+        from study.launch import cpu_work
+
+        task = ray.remote(num_cpus=1, **cpu_work())(_estimate)  # CPU-only: never a reason to start a GPU node
         refs = {task.remote(b, m, batch_size, seq_len, dtype): (m, b) for m, b in todo}
         pending, done = list(refs), 0
         try:
