@@ -248,22 +248,20 @@ class NotShared(ValueError):
     """A local --storage that some node of the Ray cluster cannot see."""
 
 
-@ray.remote(num_cpus=0)
-def _sees(path: str) -> bool:
-    return os.path.exists(path)
-
-
 def check_shared(root: Path) -> None:
     """Shard writers and trials may run on any node: a local cache folder must be the same on every one
     (one machine, or a shared file system). A marker written here must be visible from each live node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if nodes == [ray.get_runtime_context().get_node_id()]:
+        return  # one node, the driver's own
     root.mkdir(parents=True, exist_ok=True)
     marker = root / f".visible-{uuid.uuid4().hex[:8]}"
     marker.write_text("ok")
+    sees = ray.remote(num_cpus=0)(os.path.exists)  # by reference: the workers import nothing of ours
     try:
-        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-        seen = ray.get([_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
                         .remote(str(marker)) for n in nodes])
     finally:
         marker.unlink(missing_ok=True)

@@ -104,11 +104,13 @@ def test_setup_script_refuses_python_older_than_311(tmp_path):
     assert not (tmp_path / "v").exists()
 
 
-def test_cpu_only_work_lands_on_cpu_nodes_not_gpu_nodes():
+def test_cpu_only_work_lands_on_cpu_nodes_not_gpu_nodes(tmp_path):
+    """Memory estimates ask for `cpu_only` (cluster.yaml's CPU node types); a local storage folder is
+    checked to be the same on every node before shard writers and trials use it."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from study import launch
+    from study import launch, prepare
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     gpu = cluster.add_node(num_cpus=2, num_gpus=1)
@@ -119,6 +121,8 @@ def test_cpu_only_work_lands_on_cpu_nodes_not_gpu_nodes():
         cluster.wait_for_nodes()
         task = ray.remote(num_cpus=1, **launch.cpu_work())(lambda: ray.get_runtime_context().get_node_id())
         assert set(ray.get([task.remote() for _ in range(4)])) == {cpu.node_id} != {gpu.node_id}
+        prepare.check_shared(tmp_path / ".activations")  # a local --storage: every node sees the same folder
+        assert not list((tmp_path / ".activations").iterdir())  # its marker is gone
     finally:
         ray.shutdown()
         cluster.shutdown()

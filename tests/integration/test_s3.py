@@ -113,3 +113,64 @@ def test_bad_s3_is_one_line_exit_2_before_any_trial(case, s3, monkeypatch, capsy
     import ray
 
     assert not ray.is_initialized()  # refused before Ray, the plan or any trial
+
+
+def test_concurrent_cache_builders_on_s3_never_corrupt_and_nodes_verify(s3, monkeypatch, tmp_path):
+    """Two builders of the same cache at once (as two drivers, or nodes, would): each writes its own
+    build prefix, the manifest PUT commits one; a node's fetch checks every shard's sha256."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from study import prepare
+    from study.storage import Location
+    from trainables import cache
+
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    key = cache.CacheKey(backbone="t", backbone_config="c", weights="random:x", compute_dtype="float32",
+                         tokenizer="none", task="synthetic", split="train", train_size=6, seed=0, max_length=4,
+                         data="d", taps=(0, 1), positions="last", dtype="fp32")
+    lengths = np.array([3, 2, 4, 1, 2, 3])
+    both = threading.Barrier(2)
+
+    def writer(n: int):
+        def write(staging: str, ranges: list[range]) -> list[dict]:
+            both.wait(timeout=30)  # the two builds overlap
+            records = []
+            for s, r in enumerate(ranges):
+                local = tmp_path / f"w{n}" / cache.shard_name(s)
+                local.parent.mkdir(exist_ok=True)
+                pieces = {i: torch.full((1, 2, 4), float(r.start + i)) for i in range(len(r))}
+                records.append(cache.save_shard(local, pieces, [[1] * int(lengths[j]) for j in r],
+                                                torch.arange(len(r))))
+                (Location.of(staging) / local.name).upload(local)
+            return records
+        return write
+
+    root = Location.of("s3://petl/caches")
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(prepare.ensure_published(
+        root, key, lengths, 4, writer(n), shard_bytes=3 * 2 * 4 * 4))) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(status for _, status in results) == ["built (no cache)"] * 2
+    folder = root / key.fingerprint()
+    assert len([n for n in folder.list() if n.startswith("build-")]) == 2 and prepare.published(folder, key) is None
+    assert prepare.ensure_published(root, key, lengths, 4, writer(9))[1] == "hit"
+
+    mirror = cache.fetch(root.uri, key, tmp_path / "node-a")
+    reader = cache.TapReader(mirror)
+    assert len(reader) == 6 and reader.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert cache.fetch(root.uri, key, tmp_path / "node-a") == mirror  # once per node
+    manifest = (folder / cache.MANIFEST).read_json()
+    shard = folder / manifest["shards"][0]["file"]
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF  # same size, other bytes: only the checksum can tell
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(RuntimeError, match="checksum mismatch"):
+        cache.fetch(root.uri, key, tmp_path / "node-b")
+    assert not [p for p in (tmp_path / "node-b").iterdir() if not p.name.startswith(".")]
