@@ -14,11 +14,11 @@ order, so the CI covers all three; side methods build one activation cache per s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from study import collect, launch, prepare, quality, schema
 from study.launch import Group
+from study.storage import Location
 
 CONFIRM = "confirm"  # the confirm experiment's folder inside the study folder
 SEEDS = (1, 2, 3)  # the search runs seed 0 (the study's --seed); confirm seeds are fresh
@@ -54,7 +54,7 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
         seeds: Sequence[int] = SEEDS, resume: bool, seed: int, zero_ranks: int = 1,
         log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
     """Confirm the searched groups' winners; returns all rows (search + confirm) and writes the tables."""
-    out = Path(folder) if launch.storage_is_local(folder) else Path("results") / name  # as runner.execute
+    out = Location.of(folder)  # the study's storage, local or cloud, as runner.execute
     grid = launch.results(folder)
     best = best_runs(grid, [g.name for g in searched]) if grid is not None else {}
     groups = confirm_groups(searched, best, seeds)
@@ -86,7 +86,7 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
     return trials, epochs
 
 
-def write_quality(out: Path, trials: list[dict]) -> Path:
+def write_quality(out: Location, trials: list[dict]) -> Location:
     """quality.parquet from the finished rows (`weights` says which are random: their metric means nothing)."""
     rows = quality.quality_rows(trials)
     return schema.write_quality(rows, out / "quality.parquet")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from study import collect, launch, plan, runner
+from study import collect, plan, runner
 from study.collect import summary_table
 from study.launch import Group
 from trainables.backbones import get_spec
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                                     address=args.address, seed=args.seed, early_stopping=False,
                                     zero_ranks=args.zero_ranks)
     trials = collect.with_cache_shares(trials)  # cached trials carry their share of the cache builds
-    collect.write(Path(folder) if launch.storage_is_local(folder) else Path("results") / name, trials, epochs)
+    collect.write(folder, trials, epochs)
     print(summary_table(trials))
     print(f"\nwall time {time.time() - t0:.0f}s")
 

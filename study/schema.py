@@ -173,7 +173,7 @@ def write_epochs(rows: list[dict[str, Any]], path: str | Path | Location) -> Loc
     return write_atomic(to_table(rows, epoch_schema()), path)
 
 
-def write_quality(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_quality(rows: list[dict[str, Any]], path: str | Path | Location) -> Location:
     return write_atomic(to_table(rows, pa.schema(QUALITY_FIELDS, metadata=_metadata("quality"))), path)
 
 

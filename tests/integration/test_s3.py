@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 HF_SECRET = "hf_PLANTED_not_a_real_token_4412"
 STUDY = ["--backbones", "llama-tiny", "--max-model", "llama-tiny", "--methods", "full", "--task", "synthetic",
          "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none", "--batch-size", "16",
-         "--no-memory-estimates", "--name", "resume"]
+         "--no-memory-estimates", "--name", "resume", "--confirm-seeds", "0", "--train-size", "128"]
 
 
 @pytest.fixture(scope="module")
