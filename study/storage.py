@@ -99,6 +99,12 @@ class Location:
     def __str__(self) -> str:
         return self.uri
 
+    def __fspath__(self) -> str:
+        """A local Location is a path (open, pq.read_table, Path); a cloud one is not."""
+        if not self.local:
+            raise TypeError(f"{self.uri} is not a local path")
+        return self.path
+
     # ------------------------------------------------------------------ reading
 
     def _info(self) -> pafs.FileInfo:

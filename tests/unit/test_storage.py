@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from study.storage import Location, StorageError, is_uri
@@ -16,6 +17,7 @@ def test_local_round_trip_is_atomic_and_lists(tmp_path):
     (root / "s" / "plan.json").write_json({"x": 2})  # replaced whole
     assert (root / "s" / "plan.json").read_json() == {"x": 2}
     assert (root / "s" / "t.parquet").read_parquet().column("v").to_pylist() == [1, 2]
+    assert pq.read_table(root / "s" / "t.parquet").num_rows == 2  # a local Location is a path
     assert root.list() == ["s"] and (root / "s").list() == ["plan.json", "t.parquet"]  # no temp file left
     assert (root / "s").exists() and not (root / "s").is_file() and (root / "s" / "plan.json").is_file()
     src = tmp_path / "blob"
@@ -34,5 +36,7 @@ def test_uris_and_unwritable_storage(tmp_path, monkeypatch):
     assert str(Location.of("s3://bucket/prefix/") / "study") == "s3://bucket/prefix/study"
     with pytest.raises(StorageError, match="not writable"):
         Location.of("/proc/no-such-dir").check_writable()
+    with pytest.raises(TypeError, match="not a local path"):
+        open(Location.of("s3://bucket/prefix"))  # noqa: SIM115
     with pytest.raises(StorageError, match="nope://"):
         Location.of("nope://x/y")
