@@ -154,7 +154,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, in-process, loopback only
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a new in-process Ray. Without it ray.init joins any cluster already running
+    # on this machine (`ray start`, a test's ray.cluster_utils.Cluster) and runs our tasks on its nodes.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
 
 
 CPU_ONLY = "cpu_only"  # a custom resource on the cluster's CPU-only node types (cluster.yaml)
