@@ -64,15 +64,34 @@ def _one_line(error: Any) -> str | None:
     return lines[-1][:500] if lines else type(error).__name__
 
 
+_UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of a trial that has not ended
+
+
+def _tune_trials(grid: Any) -> list[tuple[str | None, dict]]:
+    """(Tune status, the config Tune gave the trial) for each result of `grid`, in the grid's order.
+
+    A `Result` carries neither the status nor, before the first report, the config; the
+    `Trial`s behind the grid do (ResultGrid has no public accessor for them).
+    """
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None:
+        return [(None, {}) for _ in grid]
+    return [(t.status, dict(t.config or {})) for t in trials]
+
+
 def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "search") -> tuple[list[dict], list[dict]]:
     """(trial rows, epoch rows) for every trial Tune knows of; `role`: search, or confirm (study.confirm)."""
     trials: list[dict] = []
     epochs: list[dict] = []
     now = dt.datetime.now(dt.UTC)
-    for result in grid:
-        config = result.config or {}
-        run = config.get("run", {})
+    for (tune_status, given), result in zip(_tune_trials(grid), grid, strict=True):
+        config = result.config or given  # a trial that has not reported yet has no config in its result
+        run = config.get("run") or {}
         last = dict(result.metrics or {})
+        reported = "status" in last or result.error is not None  # every report of the loop carries its status
+        if not run or not reported:
+            continue  # never started, or stopped before its first epoch: nothing finished
+        unfinished = tune_status in _UNFINISHED and result.error is None
         trial_id = str(last.get("trial_id") or Path(result.path).name)
         row: dict[str, Any] = {k: v for k, v in last.items() if k in _TRIAL_KEYS}
         row.update(env)
@@ -89,6 +108,8 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "s
         if result.error is not None and row.get("status", "ok") == "ok":
             row.update(status="error", error=_one_line(result.error))
         row.setdefault("status", "error" if not last else "ok")
+        if unfinished:  # stopped mid-trial (Ctrl-C, SIGTERM): its finished epochs count, its row does not yet
+            row.update(status="interrupted", error=None)
         row.update({f"hp.{k}": v for k, v in (config.get("hp") or {}).items()})
         trials.append(row)
         frame = result.metrics_dataframe

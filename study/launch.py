@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.spaces import split_hp
 from study.storage import Location, tune_storage
-from trainables.ray_trainable import OBJECTIVE, run_trial
+from trainables.ray_trainable import OBJECTIVE, TrialTrainable
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the study folder
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -176,14 +176,20 @@ def _tune_storage(study_dir: str) -> tuple[str, Any]:
     return f"{path}/{EXPERIMENT}", fs
 
 
+def trainable_class() -> type:
+    """The trial trainable with each trial's resources (its config's `resources`)."""
+    return tune.with_resources(TrialTrainable, lambda config: config["resources"])
+
+
 def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool = False,
         early_stopping: bool = True, max_failures: int = 1, verbose: int = 1) -> tune.ResultGrid:
     """Run (or resume) every group's trials; returns Tune's ResultGrid (also on resume)."""
-    # Every epoch checkpoints, and num_to_keep=1 makes Tune snapshot its state on each one (so a
-    # resume never points at a deleted checkpoint). Cached side-method epochs take about a second,
-    # so Tune would warn on nearly every epoch: the snapshots stay, the warning goes.
+    # Every epoch checkpoints, and num_to_keep=1 makes Tune snapshot its state on each one. A driver
+    # killed between Tune deleting the previous checkpoint and that snapshot leaves a state naming a
+    # deleted checkpoint: TrialTrainable then restores the one that replaced it. Cached side-method
+    # epochs take about a second, so Tune would warn on nearly every epoch: the snapshots stay, the warning goes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = tune.with_resources(run_trial, lambda config: config["resources"])
+    trainable = trainable_class()
     path, fs = _tune_storage(study_dir)
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -211,5 +217,4 @@ def results(study_dir: str) -> tune.ResultGrid | None:
     path, fs = _tune_storage(study_dir)
     if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         return None
-    return tune.Tuner.restore(path, trainable=tune.with_resources(run_trial, lambda c: c["resources"]),
-                              storage_filesystem=fs).get_results()
+    return tune.Tuner.restore(path, trainable=trainable_class(), storage_filesystem=fs).get_results()

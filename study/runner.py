@@ -8,9 +8,12 @@ planning, after the run, and after an interrupt, so nothing finished is ever los
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +120,17 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     except (prepare.NoRoom, prepare.NotShared) as e:
         raise UsageError(str(e)) from None
     grid, stopped = None, None
-    try:
-        grid = launch.run(groups, folder, seed=seed, resume=resume, early_stopping=early_stopping)
-    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or a crash: what finished is written first
-        stopped = exc
-        log(f"{'interrupted' if isinstance(exc, KeyboardInterrupt) else f'stopped by {type(exc).__name__}'}: "
-            "writing what finished; continue with --resume")
-    if grid is None:
+    with stop_signals() as received:
+        try:
+            grid = launch.run(groups, folder, seed=seed, resume=resume, early_stopping=early_stopping)
+        except (KeyboardInterrupt, Exception) as exc:  # a second signal or a crash: what finished is written first
+            stopped = exc
+        if received:
+            stopped = Interrupted(received[0])
+        if stopped is not None:
+            log(f"{stopped if isinstance(stopped, Interrupted) else f'stopped by {type(stopped).__name__}'}: "
+                "writing what finished; continue with --resume")
+    if grid is None or stopped is not None:  # stopped: the saved state knows which trials had not ended
         grid = launch.results(folder)
     if grid is not None:
         ran, epochs = collect.rows_from_results(name, grid, env)
@@ -135,13 +142,52 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     return trials, epochs
 
 
+class Interrupted(Exception):
+    """A study stopped by SIGINT or SIGTERM after writing what finished: exit code 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM stop Tune gracefully: running trials stop, the experiment state is saved.
+
+    The first signal calls the stop handler Tune installs for SIGUSR1 while it runs (the same
+    one it uses for Ctrl-C, which we disable so that both signals behave alike); before Tune
+    runs, or at a second signal, it interrupts at once. The signals received are yielded.
+    """
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if len(received) == 1 and callable(tune_stop):
+            log(f"{signal.Signals(signum).name}: stopping the running trials and saving the experiment state "
+                "(again to stop at once)")
+            tune_stop(signum, frame)
+            return
+        raise KeyboardInterrupt
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def main_guard(fn: Any) -> int:
-    """One clear line and exit code 2 for bad input; 130 on Ctrl-C."""
+    """One clear line and exit code 2 for bad input; 128 + the signal when interrupted (130 on Ctrl-C)."""
     try:
         fn()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
     return 0

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from study.storage import Location
 
 SCHEMA_VERSION = "2"  # 2: pooling, method_config, role; quality.parquet
-STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated")  # estimated: planned, too big to run here
+# estimated: planned, too big to run here; interrupted: stopped mid-trial, `--resume` finishes it
+STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated", "interrupted")
 MEMORY_SOURCES = ("cuda", "tracked", "estimated")
 ENERGY_SOURCES = ("nvml", "rapl", "none")
 

@@ -1,0 +1,99 @@
+"""Interrupted studies on real Ray Tune: SIGINT (Ctrl-C to the process group) and SIGTERM (to the
+driver) write every finished trial and epoch and exit 130/143; `--resume` continues, also from a
+state that names a checkpoint Tune already deleted (the SIGKILL race, planted deterministically)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import clis
+import pandas as pd
+import pytest
+from clis import ROOT, cli_env, kill_session, session_processes
+
+pytestmark = pytest.mark.integration
+EPOCHS = 4
+STUDY = ["--backbones", "llama-tiny", "--max-model", "llama-tiny", "--methods", "full", "--task", "synthetic",
+         "--trials-per-method", "4", "--epochs", str(EPOCHS), "--cost-runs", "none", "--batch-size", "16",
+         "--no-memory-estimates", "--name", "s"]
+
+
+def reported(trial_dir: Path) -> int:
+    """Epochs a trial has reported (progress.csv: a header, then one line per report)."""
+    progress = trial_dir / "progress.csv"
+    return max(0, len(progress.read_text().splitlines()) - 1) if progress.exists() else 0
+
+
+def run_until(storage: Path, ready, sig: int, to_group: bool) -> subprocess.CompletedProcess:
+    """Start a study, send `sig` once `ready(epochs by trial)` holds, return the finished process."""
+    proc = subprocess.Popen([sys.executable, "-m", "study.scaling", *STUDY, "--storage", str(storage)], cwd=ROOT,
+                            env=cli_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ready({d.name: reported(d) for d in (storage / "s" / "tune").glob("*-*-*") if d.is_dir()}):
+            assert time.time() < deadline and proc.poll() is None, "the study never reached the state to interrupt"
+            time.sleep(0.2)
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        kill_session(proc.pid)
+    assert not session_processes(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def tables(storage: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    trials = pd.read_parquet(storage / "s" / "trials.parquet").query("status != 'estimated'")
+    return trials, pd.read_parquet(storage / "s" / "epochs.parquet")
+
+
+def agree(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    """Every trial's epochs run 1..n once, and its row says n."""
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    runs = epochs.groupby("trial_id").epoch.apply(list)
+    assert all(e == list(range(1, len(e) + 1)) for e in runs), runs
+    assert set(runs.index) == set(trials.trial_id)
+    assert trials.set_index("trial_id").epochs_run.sort_index().tolist() == runs.map(len).sort_index().tolist()
+
+
+def test_sigint_writes_finished_trials_then_resume_survives_a_deleted_checkpoint(tmp_path):
+    # Ctrl-C once a trial has finished and another is mid-way (1 or 2 of 4 epochs)
+    out = run_until(tmp_path, lambda n: EPOCHS in n.values() and any(0 < k < EPOCHS - 1 for k in n.values()),
+                    signal.SIGINT, to_group=True)
+    assert out.returncode == 130, out.stdout[-4000:]
+    trials, epochs = tables(tmp_path)
+    finished = trials[trials.status == "ok"]
+    assert len(finished) >= 1 and finished.epochs_run.eq(EPOCHS).all(), trials[["trial_id", "status", "epochs_run"]]
+    assert set(trials.status) <= {"ok", "interrupted"} and (trials.status == "interrupted").any()
+    agree(trials, epochs)
+
+    # the race a SIGKILL can leave: Tune registered checkpoint N+1 and deleted N, but its saved state
+    # still names N. Planted: an interrupted trial's checkpoint N renamed to N+1.
+    planted = 0
+    for trial_id in trials[trials.status == "interrupted"].trial_id:
+        trial_dir = next((tmp_path / "s" / "tune").glob(f"*-{trial_id}"))
+        newest = max(trial_dir.glob("checkpoint_*"))
+        index = int(newest.name.removeprefix("checkpoint_"))
+        newest.rename(trial_dir / f"checkpoint_{index + 1:06d}")
+        planted += 1
+    assert planted
+
+    out = clis.run_cli("study.scaling", *STUDY, "--storage", str(tmp_path), "--resume", timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    trials, epochs = tables(tmp_path)
+    assert len(trials) == 4 and set(trials.status) == {"ok"}, trials[["trial_id", "status", "error"]]
+    agree(trials, epochs)
+
+
+def test_sigterm_to_the_driver_writes_what_finished_exit_143(tmp_path):
+    out = run_until(tmp_path, lambda n: any(k > 0 for k in n.values()), signal.SIGTERM, to_group=False)
+    assert out.returncode == 143, out.stdout[-4000:]
+    assert "interrupted by SIGTERM" in out.stdout
+    trials, epochs = tables(tmp_path)
+    assert len(trials) >= 1 and set(trials.status) <= {"ok", "interrupted"}
+    agree(trials, epochs)
