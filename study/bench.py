@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,6 +264,11 @@ def check(args: argparse.Namespace) -> None:
                              f"{', '.join(m for m, i in REGISTRY.items() if i.cacheable)}")
     if getattr(args, "task", None) and not (args.task in tasks.TASK_NAMES or args.task.startswith("file:")):
         raise ValueError(f"unknown task {args.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, or file:PATH")
+    if getattr(args, "task", "").startswith("file:"):
+        try:
+            tasks.check_file(Path(args.task[5:]).expanduser())
+        except OSError as exc:  # FileNotFoundError: one line like every other bad input
+            raise ValueError(str(exc)) from None
     for key, value in vars(args).items():
         if isinstance(value, int) and not isinstance(value, bool) and key != "seed" and value < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be 1 or more, not {value}")

@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     runner.check_input(methods, [args.backbone], args)
     if min(args.sizes) < 2 or args.epochs < 1 or args.max_eval_examples < 1:
         raise runner.UsageError("--sizes must be >= 2, --epochs and --max-eval-examples >= 1")
+    if min(args.seeds) < 0:
+        raise runner.UsageError(f"--seeds must be 0 or more, not {min(args.seeds)}")
     if get_spec(args.backbone).tokenizer is None:
         raise runner.UsageError(f"{args.backbone} has no offline tokenizer here; convergence needs a real task "
                                 f"(try minilm-l6 or smollm2-135m)")
     name = args.name if args.name != "convergence" or not args.quick else "convergence-quick"
-    folder = runner.study_dir(args.storage, name, args.resume)
     max_length = args.max_length or 32
 
     t0 = time.time()
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                    "max_eval_examples": args.max_eval_examples})
         for n in args.sizes for seed in args.seeds for m in methods
     ]
+    runner.check_runs([g.run for g in groups])
+    folder = runner.study_dir(args.storage, name, args.resume)
     plan_info = {"study": name, "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
                  "seeds": args.seeds, "epochs": args.epochs}
     trials, epochs = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,

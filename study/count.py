@@ -23,6 +23,8 @@ from trainables import backbones
 from trainables.methods import REGISTRY, apply_method, get_method
 from trainables.methods.base import config_to_dict
 
+# A method config training more parameters than this is a typo, not a study (16 TB of fp32 AdamW state).
+MAX_TRAINABLE_PARAMS = 10**12
 KEYS = ("backbone", "method", "family", "config", "params_backbone", "params_total", "params_trainable",
         "params_head", "trainable_fraction", "grad_tensors", "grad_tensor_kinds")
 
@@ -38,8 +40,16 @@ def count(backbone: str, method: str, overrides: dict[str, Any] | None = None, n
     cfg = info.parse(overrides)
     bb = backbones.build(spec, "meta")
     params_backbone = backbones.count_params(bb)
-    model = apply_method(method, bb, spec, cfg, n_labels=n_labels)
+    try:
+        model = apply_method(method, bb, spec, cfg, n_labels=n_labels)
+    except RuntimeError as exc:  # e.g. torch: "Storage size calculation overflowed" for an absurd width
+        raise ValueError(f"{method} {config_to_dict(cfg)} cannot be built on {spec.name}: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
     counts = model.param_counts()
+    if counts["params_trainable"] > MAX_TRAINABLE_PARAMS:
+        raise ValueError(f"{method} {config_to_dict(cfg)} on {spec.name} trains {counts['params_trainable']:.3g} "
+                         f"parameters, more than {MAX_TRAINABLE_PARAMS:.0e} (16 bytes each with AdamW: no machine "
+                         "holds them); check the --set values")
     grads = model.backbone_tensors_with_grad()
     return {"backbone": spec.name, "method": method, "family": info.family, "config": config_to_dict(cfg),
             "params_backbone": params_backbone, **counts,

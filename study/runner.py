@@ -19,7 +19,7 @@ from typing import Any
 
 from study import collect, launch, prepare
 from study.storage import Location, StorageError, is_uri
-from trainables import backbones
+from trainables import backbones, loop, tasks
 from trainables.methods import REGISTRY, get_method
 from trainables.tasks import TASK_NAMES
 
@@ -72,8 +72,49 @@ def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: arg
             raise UsageError(str(e)) from None
     if not (task in TASK_NAMES or task.startswith("file:")):
         raise UsageError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH")
-    if task.startswith("file:") and not Path(task[5:]).is_file():
-        raise UsageError(f"task file not found: {task[5:]}")
+    if task.startswith("file:"):
+        try:
+            tasks.check_file(Path(task[5:]).expanduser())
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+    if args.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, not {args.seed}")
+    check_name(args.name)
+
+
+def check_name(name: str) -> None:
+    """A study name is one folder under --storage: nothing may land outside it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or Path(name).is_absolute():
+        raise UsageError(f"--name must be one folder name (no '/', not starting with '.'), not {name!r}")
+
+
+def check_runs(runs: Sequence[dict[str, Any]]) -> None:
+    """Every trial's settings valid and its data loaded, split and checked here, before Ray starts.
+
+    `loop.validate` catches bad method configs and a max_length beyond the backbone's positions;
+    `tasks.load_raw` a train size beyond the data and data no classifier can learn from. Notes
+    (rows skipped, texts cut, classes missing from validation) are logged once per task.
+    """
+    seen: set[tuple] = set()
+    for run in runs:
+        try:
+            cfg = loop.RunConfig.from_dict(run)
+            loop.validate(cfg)
+            key = (cfg.task, cfg.text_col, cfg.label_col, cfg.train_size, cfg.seed)
+            if key in seen:
+                continue
+            seen.add(key)
+            if cfg.task == "synthetic":
+                vocab = backbones.get_spec(cfg.backbone).config["vocab_size"]
+                tasks.load_task(cfg.task, None, max_length=cfg.max_length, train_size=cfg.train_size,
+                                seed=cfg.seed, vocab_size=vocab)
+                continue
+            _, _, _, notes = tasks.load_raw(cfg.task, train_size=cfg.train_size, seed=cfg.seed,
+                                            text_col=cfg.text_col, label_col=cfg.label_col)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise UsageError(" ".join(str(e).split())) from None
+        for note in dict.fromkeys(notes):
+            log(f"warning: {note}")
 
 
 def study_dir(storage: str, name: str, resume: bool) -> str:

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
     if s.confirm_seeds < 0:
         raise runner.UsageError(f"--confirm-seeds must be >= 0, not {s.confirm_seeds}")
+    runner.check_runs([{"backbone": b, "method": m, "task": args.task, "text_col": args.text_col,
+                        "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
+                        "batch_size": args.batch_size, "seed": args.seed} for b in run_backbones for m in methods])
     name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"
     folder = runner.study_dir(args.storage, name, args.resume)
 

@@ -72,6 +72,8 @@ EPOCH_KEYS: tuple[str, ...] = ("epoch", "train_loss", "eval_metric", "wall_time_
 Status = Literal["ok", "oom", "diverged", "error"]
 Report = Callable[[dict[str, Any], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
+# A training loss this many times the first one (or 1.0, if larger) is divergence, not training.
+LOSS_EXPLOSION = 1000.0
 # Settings a checkpoint must share with the run that resumes it (others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("backbone", "method", "method_config", "task", "train_size", "max_length", "pooling", "seed",
                      "batch_size", "lr", "weight_decay", "text_col", "label_col")
@@ -478,6 +480,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             set_rng_state(ckpt["rng"])  # last: building the model above consumed random numbers
 
         # ---- train
+        first_loss = None  # the run's first training loss: the yardstick for an exploding loss
         live = progress and sys.stderr.isatty()
         line_start = "\r" if live else ""  # overwrite the step counter
         for epoch in range(start_epoch, cfg.epochs):
@@ -495,6 +498,10 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                     if not math.isfinite(loss_value):
                         raise Diverged(f"non-finite training loss ({loss_value}) "
                                        f"at epoch {epoch + 1}, step {step + 1}")
+                    first_loss = loss_value if first_loss is None else first_loss
+                    if loss_value > LOSS_EXPLOSION * max(first_loss, 1.0):  # finite, but the run is lost
+                        raise Diverged(f"training loss exploded to {loss_value:.3g} at epoch {epoch + 1}, step "
+                                       f"{step + 1} (first step: {first_loss:.3g})")
                     loss.backward()
                     if cfg.max_grad_norm:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

