@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     runner.check_runs([g.run for g in groups])
     folder = runner.study_dir(args.storage, name, args.resume)
-    plan_info = {"study": name, "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
+    config = {"study": "convergence", "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
+              "seeds": args.seeds, "epochs": args.epochs, "task": args.task, "text_col": args.text_col,
+              "label_col": args.label_col, "max_length": max_length, "batch_size": args.batch_size,
+              "max_eval_examples": args.max_eval_examples, "seed": args.seed}
+    runner.check_resume(name, folder, config, args.resume)
+    plan_info = {"study": name, "config": config, "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
                  "seeds": args.seeds, "epochs": args.epochs}
     trials, epochs = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
                                     address=args.address, seed=args.seed, early_stopping=False,

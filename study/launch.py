@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,7 +148,12 @@ def trial_name(trial: Any) -> str:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (`auto` or an address) or start an in-process local Ray."""
+    """Connect to a cluster (`auto` or an address) or start an in-process local Ray.
+
+    A local Ray writes its session (logs, sockets) under a new folder private to the user
+    (mode 0700, under $RAY_TMPDIR or /tmp): Ray's own logs are outside what this project
+    controls, and Ray makes its session folders world-writable.
+    """
     if ray.is_initialized():
         return
     if address:
@@ -156,8 +162,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, in-process, loopback only
     # address="local": always a new in-process Ray. Without it ray.init joins any cluster already running
     # on this machine (`ray start`, a test's ray.cluster_utils.Cluster) and runs our tasks on its nodes.
+    private = tempfile.mkdtemp(prefix="petl-ray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")  # short: socket paths
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _temp_dir=os.path.join(private, "ray"))  # Ray makes that one world-writable
 
 
 CPU_ONLY = "cpu_only"  # a custom resource on the cluster's CPU-only node types (cluster.yaml)
@@ -176,6 +183,19 @@ def _tune_storage(study_dir: str) -> tuple[str, Any]:
     return f"{path}/{EXPERIMENT}", fs
 
 
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune copying the driver's AWS_* variables into every trial actor's runtime_env.
+
+    Ray's runtime-env agent logs each runtime_env in clear text (runtime_env_agent.log in the
+    session folder). The copy is not needed: trial actors of a local Ray inherit the driver's
+    environment through the raylet, and cluster nodes take credentials from their instance profile
+    or their own environment. Ray has no option for this, so its module-level list is narrowed.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")}
+
+
 def trainable_class() -> type:
     """The trial trainable with each trial's resources (its config's `resources`)."""
     return tune.with_resources(TrialTrainable, lambda config: config["resources"])
@@ -189,6 +209,7 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
     # deleted checkpoint: TrialTrainable then restores the one that replaced it. Cached side-method
     # epochs take about a second, so Tune would warn on nearly every epoch: the snapshots stay, the warning goes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    keep_credentials_out_of_runtime_envs()
     trainable = trainable_class()
     path, fs = _tune_storage(study_dir)
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):

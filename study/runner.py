@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -132,6 +133,29 @@ def study_dir(storage: str, name: str, resume: bool) -> str:
     if resume and not exists:
         raise UsageError(f"nothing to resume: no study {name!r} in {root}")
     return folder.uri
+
+
+def check_resume(name: str, folder: str, config: dict[str, Any], resume: bool) -> None:
+    """`--resume` continues the same study: another configuration is refused, naming what differs.
+
+    The configuration (methods, backbones, task, budgets) is recorded in plan.json as `config`.
+    """
+    if not resume:
+        return
+    try:
+        stored = (Location.of(folder) / "plan.json").read_json().get("config")
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if stored is None:
+        log(f"warning: study {name!r} has no recorded configuration (written before they were); "
+            "resuming without comparing it")
+        return
+    now = json.loads(json.dumps(config, default=str))  # as stored: tuples become lists
+    diff = [f"{k} {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(stored) | set(now))
+            if stored.get(k) != now.get(k)]
+    if diff:
+        raise UsageError(f"--resume: study {name!r} was started with another configuration ({'; '.join(diff)}); "
+                         "resume with its flags, or start a new --name")
 
 
 def plan_cache(storage: str) -> Path | None:

@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
                         "batch_size": args.batch_size, "seed": args.seed} for b in run_backbones for m in methods])
     name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"
     folder = runner.study_dir(args.storage, name, args.resume)
+    config = {"study": "scaling", "methods": methods, "run_backbones": run_backbones, "max_model": args.max_model,
+              "task": args.task, "text_col": args.text_col, "label_col": args.label_col, "settings": s.__dict__,
+              "batch_size": args.batch_size, "seed": args.seed, "cost_runs": args.cost_runs}
+    runner.check_resume(name, folder, config, args.resume)
 
     t0 = time.time()
     planned = [args.max_model] if args.quick else ladder(args.max_model)  # quick: one anchor, not the ladder
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         groups.append(Group(name=f"{p.method}|{p.backbone}", run=run,
                             space=spaces.space(p.method, backbones.get_spec(p.backbone).family),
                             n_trials=1 if cost_only else s.trials_per_method, resources=p.resources))
-    plan_info = {"study": name, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
+    plan_info = {"study": name, "config": config, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
                  "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,
                             **p.counts, **(p.memory or {})} for p in pairs]}
     trials, epochs = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,

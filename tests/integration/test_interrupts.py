@@ -4,6 +4,7 @@ state that names a checkpoint Tune already deleted (the SIGKILL race, planted de
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -94,10 +95,25 @@ def test_sigint_writes_finished_trials_then_resume_survives_a_deleted_checkpoint
     agree(trials, epochs)
 
 
-def test_sigterm_to_the_driver_writes_what_finished_exit_143(tmp_path):
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sigterm_to_the_driver_writes_what_finished_exit_143_and_resume_refuses_other_flags(tmp_path, capsys):
     out = run_until(tmp_path, lambda n: any(k > 0 for k in n.values()), signal.SIGTERM, to_group=False)
     assert out.returncode == 143, out.stdout[-4000:]
     assert "interrupted by SIGTERM" in out.stdout
     trials, epochs = tables(tmp_path)
     assert len(trials) >= 1 and set(trials.status) <= {"ok", "interrupted"}
     agree(trials, epochs)
+
+    # --resume with other methods and epochs: one line naming both, nothing changed (in-process: before Ray)
+    from study import runner, scaling
+
+    before = digests(tmp_path)
+    code = runner.main_guard(lambda: scaling.main([*STUDY, "--storage", str(tmp_path), "--resume",
+                                                   "--methods", "read", "--epochs", "2"]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --resume") and "\n" not in err, err
+    assert "methods ['full'] -> ['read']" in err and "'epochs': 4" in err and "'epochs': 2" in err, err
+    assert digests(tmp_path) == before
