@@ -66,14 +66,17 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
         groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
         where, stopped = folder_of(folder), None
         try:
-            grid = launch.run(groups, where, seed=seed, resume=resume, early_stopping=False)
+            launch.run(groups, where, seed=seed, resume=resume, early_stopping=False)
+            grid = launch.results(where)  # as saved: also right about trials a signal stopped mid-way
         except (KeyboardInterrupt, Exception) as exc:  # what finished is written first, as runner.execute does
             stopped, grid = exc, launch.results(where)
             log("confirm stopped: writing what finished; continue with --resume")
         if grid is not None:
             rows, more = collect.rows_from_results(name, grid, collect.environment(), role="confirm")
-            for result, row in zip(grid, rows, strict=True):  # the winner's searched values, for the record
-                searched_name = str((result.config or {}).get("group", "")).rsplit(SUFFIX, 1)[0]
+            group_of = {str((r.metrics or {}).get("trial_id") or Path(r.path).name): (r.config or {}).get("group", "")
+                        for r in grid}  # rows skip trials that never reported: matched by id, not position
+            for row in rows:  # the winner's searched values, for the record
+                searched_name = str(group_of.get(row["trial_id"], "")).rsplit(SUFFIX, 1)[0]
                 row.update({f"hp.{k}": v for k, v in best.get(searched_name, {}).get("hp", {}).items()})
             trials, epochs = trials + rows, epochs + more
             collect.write(out, trials, epochs)

@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> None:
                                     resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks)
     searched = [g for g in groups if g.run["weights"] != "random" or args.cost_runs == "none"]
     seeds = [args.seed + 1 + i for i in range(s.confirm_seeds)]
-    trials, _ = confirm.run(name, folder, searched, trials, epochs, seeds=seeds, resume=args.resume, seed=args.seed,
-                            zero_ranks=args.zero_ranks, log=runner.log)
+    with runner.stop_signals() as received:  # as in the search: a signal stops gracefully, what finished is written
+        trials, _ = confirm.run(name, folder, searched, trials, epochs, seeds=seeds, resume=args.resume,
+                                seed=args.seed, zero_ranks=args.zero_ranks, log=runner.log)
+    if received:
+        raise runner.Interrupted(received[0])
     print(summary_table([t for t in trials if t["status"] != "estimated"]))
     print(f"\n{len(pairs) - len(to_run)} pairs estimated only (all {len(pairs)} planned rows in trials.parquet); "
           f"wall time {time.time() - t0:.0f}s")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 EPOCHS = 4
 STUDY = ["--backbones", "llama-tiny", "--max-model", "llama-tiny", "--methods", "full", "--task", "synthetic",
          "--trials-per-method", "4", "--epochs", str(EPOCHS), "--cost-runs", "none", "--batch-size", "16",
-         "--no-memory-estimates", "--name", "s"]
+         "--no-memory-estimates", "--confirm-seeds", "0", "--name", "s"]
 
 
 def reported(trial_dir: Path) -> int:
