@@ -21,7 +21,8 @@ from clis import ROOT, cli_env, kill_session, session_processes
 pytestmark = pytest.mark.integration
 EPOCHS = 4
 STUDY = ["--backbones", "llama-tiny", "--max-model", "llama-tiny", "--methods", "full", "--task", "synthetic",
-         "--trials-per-method", "4", "--epochs", str(EPOCHS), "--cost-runs", "none", "--batch-size", "16",
+         "--trials-per-method", "4", "--epochs", str(EPOCHS), "--train-size", "256", "--cost-runs", "none",
+         "--batch-size", "16",
          "--no-memory-estimates", "--confirm-seeds", "0", "--name", "s"]
 
 

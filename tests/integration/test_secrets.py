@@ -39,7 +39,8 @@ def test_planted_credentials_land_in_no_file_and_no_output(tmp_path):
 
 def check(tmp_path: Path, ray_tmp: Path) -> None:
     proc = clis.run_cli("study.scaling", "--backbones", "llama-tiny", "--max-model", "llama-tiny", "--methods", "read",
-                        "--task", "synthetic", "--trials-per-method", "1", "--epochs", "1", "--cost-runs", "none", "--confirm-seeds", "0",
+                        "--task", "synthetic", "--trials-per-method", "1", "--epochs", "1", "--train-size", "128", "--cost-runs", "none",
+                        "--confirm-seeds", "0",
                         "--no-memory-estimates", "--storage", str(tmp_path / "r"),
                         env=clis.cli_env(**PLANTED, RAY_TMPDIR=str(ray_tmp)), timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
