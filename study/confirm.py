@@ -14,6 +14,7 @@ order, so the CI covers all three; side methods build one activation cache per s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from study import collect, launch, prepare, quality, schema
