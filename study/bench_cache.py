@@ -29,7 +29,7 @@ import torch
 
 from study import spaces
 from trainables import cache
-from trainables.backbones import get_spec
+from trainables.backbones import get_spec, tokenizer_here
 from trainables.loop import RunConfig, load_data, train
 
 MIB = 2**20
@@ -131,7 +131,7 @@ def sizes_per_1000(max_length: int, dtype: str) -> dict[str, Any]:
     mean_len: dict[str, float] = {}
     for name in ("minilm-l6", "smollm2-135m", "llama-7b"):
         spec = get_spec(name)
-        if spec.tokenizer is not None:
+        if tokenizer_here(spec):
             task, _ = load_data(RunConfig(backbone=name, train_size=None, max_length=max_length), spec)
             mean_len[name] = float(np.mean([len(r) for r in task.train["input_ids"]]))
             source = f"{spec.tokenizer} tokenizer on vader-movies"

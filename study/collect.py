@@ -98,7 +98,7 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "s
         row.update(describe(run["method"], run["backbone"]))
         weights = run.get("weights")
         if weights in (None, "auto"):
-            weights = "pretrained" if backbones.get_spec(run["backbone"]).local else "random"
+            weights = "pretrained" if backbones.weights_here(backbones.get_spec(run["backbone"])) else "random"
         row.update(study=study, trial_id=trial_id, created_at=now, task=run.get("task"), weights=weights, role=role,
                    train_size=run.get("train_size"), seed=run.get("seed"), max_length=run.get("max_length"),
                    batch_size=run.get("batch_size"), epochs=run.get("epochs"))

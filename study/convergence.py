@@ -14,7 +14,7 @@ import time
 from study import collect, plan, runner
 from study.collect import summary_table
 from study.launch import Group
-from trainables.backbones import get_spec
+from trainables.backbones import get_spec, load_tokenizer
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> None:
         raise runner.UsageError("--sizes must be >= 2, --epochs and --max-eval-examples >= 1")
     if min(args.seeds) < 0:
         raise runner.UsageError(f"--seeds must be 0 or more, not {min(args.seeds)}")
-    if get_spec(args.backbone).tokenizer is None:
-        raise runner.UsageError(f"{args.backbone} has no offline tokenizer here; convergence needs a real task "
-                                f"(try minilm-l6 or smollm2-135m)")
+    try:  # a real task needs the tokenizer: on this machine, or fetched now (small) before anything runs
+        load_tokenizer(get_spec(args.backbone))
+    except ValueError as exc:
+        raise runner.UsageError(f"no tokenizer for {args.backbone} ({exc}); convergence needs a real task "
+                                f"(try minilm-l6 or smollm2-135m)") from None
     name = args.name if args.name != "convergence" or not args.quick else "convergence-quick"
     max_length = args.max_length or 32
 

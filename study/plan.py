@@ -4,6 +4,13 @@ Every (method, backbone) pair gets its parameter counts and an estimated peak tr
 memory (`trainables.memory.estimate_step`, no weights allocated). Pairs that fit this
 machine run as trials; the rest become `estimated` rows in trials.parquet with the
 reason — never silently dropped.
+
+On a GPU budget (a local GPU, or `--gpu-memory-gib` for a cluster's workers) every backbone
+with a checkpoint runs pretrained in bf16 when its estimated step fits one GPU; a side
+method whose step fits only with the frozen backbone offloaded runs with ZeRO-3 (params on
+the host, one block gathered at a time); graft methods train inside the backbone, so for
+them there is no such way out. On CPU, fp32, and backbones whose blocks are too slow for
+this machine are estimated only.
 """
 
 from __future__ import annotations
@@ -61,6 +68,29 @@ class PairPlan:
     resources: dict[str, float] = field(default_factory=dict)
     batch_size: int | None = None
     seq_len: int | None = None
+    dtype: str = "fp32"  # fp32 | bf16: the trial's compute dtype
+    zero: bool = False  # the frozen backbone under ZeRO-3 (side methods whose step fits only so)
+    peak_bytes: int | None = None  # the estimated peak of the step as it will run (with ZeRO-3: offloaded)
+
+    @property
+    def where(self) -> str:
+        if not self.runnable:
+            return "estimated only"
+        device = "gpu" if self.resources.get("gpu") else "cpu"
+        return f"{device} + ZeRO-3" if self.zero else device
+
+    def line(self) -> str:
+        """One human line of the dry run: where it runs, with which weights and dtype, the peak, or why not."""
+        peak = "n/a" if self.peak_bytes is None else f"{self.peak_bytes / 2**30:.2f} GiB"
+        head = f"{self.method:<8} {self.backbone:<28}"
+        if not self.runnable:
+            return f"{head} estimated only (peak {peak}): {self.reason}"
+        return f"{head} runs on {self.where}, {self.weights} weights, {self.dtype}, estimated peak {peak}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "backbone": self.backbone, "runnable": self.runnable, "where": self.where,
+                "weights": self.weights, "dtype": self.dtype, "zero": self.zero, "peak_bytes": self.peak_bytes,
+                "reason": self.reason, "resources": self.resources, **self.counts}
 
     def estimated_row(self) -> dict[str, Any]:
         """The plan as a trials.parquet row: default-config counts and memory, status `estimated`."""
@@ -147,29 +177,60 @@ def estimate_memory(pairs: Sequence[tuple[str, str]], *, batch_size: int, seq_le
     return {p: cache[key[p]] for p in pairs if key[p] in cache}
 
 
+def zero_peak(mem: dict[str, Any], spec: backbones.BackboneSpec, dtype: torch.dtype) -> int:
+    """The step's peak with the frozen backbone under ZeRO-3 param offload: its weights leave the device
+    except the largest block, gathered for its forward (buffers and the method's own weights stay)."""
+    from trainables.zero import weight_bytes
+
+    model = backbones.build(spec, "meta")
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    largest = max(sum(p.numel() for p in b.parameters()) for b in spec.anatomy.get(model, "blocks")) * itemsize
+    return int(mem["peak_memory_bytes"] - weight_bytes(spec, dtype) + largest)
+
+
 def plan_pairs(methods: Sequence[str], backbone_names: Sequence[str], *, batch_size: int, seq_len: int,
                budget: Budget, estimate: bool = True, cache_file: Path | None = None,
                progress: Callable[[str], None] = lambda s: None) -> list[PairPlan]:
-    """Counts (meta device) and memory estimates (fake tensors, Ray tasks) for every pair."""
-    dtype = "bfloat16" if budget.device == "cuda" else "float32"
+    """Counts (meta device) and memory estimates (fake tensors, Ray tasks) for every pair, and where each runs."""
+    from trainables.zero import weight_bytes
+
+    gpu = budget.device == "cuda"
+    dtype = "bfloat16" if gpu else "float32"
     pairs = [(m, b) for b in backbone_names for m in methods]
     memory = (estimate_memory(pairs, batch_size=batch_size, seq_len=seq_len, dtype=dtype, cache_file=cache_file,
                               progress=progress) if estimate else {})
     resources = {"cpu": budget.cpus_per_trial, **({"gpu": budget.gpus_per_trial} if budget.gpus_per_trial else {})}
+    gib = 2**30
     plans: list[PairPlan] = []
     for name in backbone_names:
         spec = backbones.get_spec(name)
         compute = block_params(spec)
+        # a cluster downloads checkpoints; this machine uses what is on it (offline assets, HF cache, folders)
+        pretrained = spec.has_checkpoint and (gpu or backbones.weights_here(spec))
+        has_tokenizer = spec.tokenizer is not None and (gpu or backbones.tokenizer_here(spec))
+        weights = weight_bytes(spec, getattr(torch, dtype))
         for method in methods:
             mem = memory.get((method, name))
-            reason = ""
-            if spec.tokenizer is None:
-                reason = "no offline tokenizer/weights here (hub id for clusters)"
-            elif budget.device == "cpu" and compute > budget.cpu_max_block_params:
+            side = get_method(method).family != "graft"
+            peak = mem["peak_memory_bytes"] if mem else None
+            reason, zero_on = "", False
+            if not has_tokenizer:
+                reason = ("no tokenizer on this machine (hub id: runs on a cluster)" if spec.tokenizer
+                          else "no tokenizer (a config for counting only)")
+            elif not gpu and compute > budget.cpu_max_block_params:
                 reason = f"too slow on cpu: {compute / 1e6:.0f}M block params > {budget.cpu_max_block_params / 1e6:.0f}M"
-            elif mem and mem["peak_memory_bytes"] > budget.memory_bytes:
-                reason = (f"needs {mem['peak_memory_bytes'] / 2**30:.1f} GiB (estimated) > "
-                          f"{budget.memory_bytes / 2**30:.1f} GiB per trial")
-            plans.append(PairPlan(method, name, "pretrained" if spec.local else "random", param_counts(method, name),
-                                  mem, not reason, reason, resources, batch_size, seq_len))
+            elif (peak if peak is not None else weights) > budget.memory_bytes:
+                offloaded = zero_peak(mem, spec, getattr(torch, dtype)) if mem else None
+                if gpu and side and offloaded is not None and offloaded <= budget.memory_bytes:
+                    zero_on, peak = True, offloaded
+                else:
+                    need = f"{peak / gib:.1f} GiB (estimated)" if peak is not None else f"{weights / gib:.1f} GiB of weights"
+                    reason = f"needs {need} > {budget.memory_bytes / gib:.1f} GiB per {'GPU' if gpu else 'trial'}"
+                    if gpu and not side:
+                        reason += "; a graft method trains inside the backbone, so ZeRO-3 offload does not apply"
+                    elif gpu and offloaded is not None:
+                        reason += f", and {offloaded / gib:.1f} GiB even with the backbone under ZeRO-3"
+            plans.append(PairPlan(method, name, "pretrained" if pretrained else "random", param_counts(method, name),
+                                  mem, not reason, reason, resources, batch_size, seq_len,
+                                  "bf16" if gpu else "fp32", zero_on, peak))
     return plans

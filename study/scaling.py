@@ -11,12 +11,18 @@ ten do not fit 25 minutes on 2 cores at this budget). Every method gets the same
 method), then its best configuration re-run with 3 fresh seeds (study.confirm), evaluated on
 500 validation examples (one example = 0.2 points); quality is the seeds' mean with a
 bootstrap 95% CI (quality.parquet), and the linear probe is the floor.
+
+On a GPU budget (a local GPU, or --gpu-memory-gib G from a CPU head) the ladder is every
+registered checkpoint up to --max-model, and every pair whose estimated step fits runs
+pretrained in bf16 (side methods of a backbone too big for one GPU with ZeRO-3); the rest
+are estimated rows with the reason. --dry-run prints that plan (--json for machines) and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 
@@ -51,19 +57,45 @@ QUICK_RUN_BACKBONES = ("minilm-l6",)
 QUICK_METHODS = ("probe", "read", "lora", "full")
 
 
-def ladder(max_model: str) -> list[str]:
-    """Registered backbones (tests excluded) plus the pretrained depth ladder, up to max_model's size."""
+def ladder(max_model: str, gpu: bool = False) -> list[str]:
+    """Registered backbones up to max_model's size (any name, hub id or folder: counted on meta).
+
+    CPU: all of them (tests excluded) plus the pretrained depth ladder. GPU: the registered
+    checkpoints (the random cost ladder exists for CPUs), and max_model itself.
+    """
     top = backbones.count_params(backbones.build(max_model))
-    names = [n for n, s in backbones.REGISTRY.items() if s.note != "tests"] + list(DEPTH_LADDER)
-    sized = [(backbones.count_params(backbones.build(n)), n) for n in names]
+    if gpu:
+        names = [n for n, s in backbones.REGISTRY.items() if s.note != "tests" and s.has_checkpoint]
+    else:
+        names = [n for n, s in backbones.REGISTRY.items() if s.note != "tests"] + list(DEPTH_LADDER)
+    sized = [(backbones.count_params(backbones.build(n)), n) for n in dict.fromkeys([*names, max_model])]
     return [n for size, n in sorted(sized) if size <= top]
+
+
+def print_plan(pairs: list[plan.PairPlan], budget: plan.Budget, as_json: bool) -> None:
+    """The --dry-run output: every pair, where it runs with which weights and dtype, its peak, or why not."""
+    if as_json:
+        print(json.dumps({"budget": dataclasses.asdict(budget), "pairs": [p.as_dict() for p in pairs]}, indent=1))
+        return
+    print(f"budget: {budget.device}, {budget.memory_bytes / 2**30:.1f} GiB per trial")
+    for p in pairs:
+        print(p.line())
+    n_zero = sum(p.zero for p in pairs)
+    print(f"{sum(p.runnable for p in pairs)} of {len(pairs)} pairs run ({n_zero} with ZeRO-3), "
+          f"{sum(not p.runnable for p in pairs)} estimated only")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-model", default="llama-7b", help="largest backbone of the ladder (registry name)")
-    p.add_argument("--backbones", nargs="+", metavar="B", help="backbones to run (default: the embedded set)")
+    p.add_argument("--max-model", default="llama-7b",
+                   help="largest backbone of the ladder (registry name, hf:ORG/NAME[@REV], or a folder)")
+    p.add_argument("--backbones", nargs="+", metavar="B",
+                   help="backbones to run: registry names, hf:ORG/NAME[@REV], folders (default: the embedded set "
+                        "on CPU, the whole ladder on GPUs)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (every pair: where, weights, dtype, "
+                                                           "estimated peak, or why not) and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     p.add_argument("--trials-per-method", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-size", type=int, default=None)
@@ -85,31 +117,41 @@ def main(argv: list[str] | None = None) -> None:
              if getattr(args, k) is not None}  # 0 is refused below, not replaced by the default
     s = dataclasses.replace(base, **given)
     methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
-    run_backbones = args.backbones or list(QUICK_RUN_BACKBONES if args.quick else DEFAULT_RUN_BACKBONES)
-    runner.check_input(methods, run_backbones + [args.max_model], args)
+    runner.check_input(methods, (args.backbones or []) + [args.max_model], args)
     if min(s.trials_per_method, s.epochs, s.train_size) < 1:
         raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
     if s.confirm_seeds < 0:
         raise runner.UsageError(f"--confirm-seeds must be >= 0, not {s.confirm_seeds}")
-    runner.check_runs([{"backbone": b, "method": m, "task": args.task, "text_col": args.text_col,
-                        "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
-                        "batch_size": args.batch_size, "seed": args.seed} for b in run_backbones for m in methods])
+    if args.json and not args.dry_run:
+        raise runner.UsageError("--json goes with --dry-run")
+    budget = plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib)
+    gpu = budget.device == "cuda"
+    planned = [args.max_model] if args.quick else ladder(args.max_model, gpu)  # quick: one anchor, not the ladder
+    default_run = QUICK_RUN_BACKBONES if args.quick else (planned if gpu else DEFAULT_RUN_BACKBONES)
+    run_backbones = args.backbones or list(default_run)
     name = args.name if args.name != "scaling" or not args.quick else "scaling-quick"
-    folder = runner.study_dir(args.storage, name, args.resume)
     config = {"study": "scaling", "methods": methods, "run_backbones": run_backbones, "max_model": args.max_model,
               "task": args.task, "text_col": args.text_col, "label_col": args.label_col, "settings": s.__dict__,
               "batch_size": args.batch_size, "seed": args.seed, "cost_runs": args.cost_runs}
-    runner.check_resume(name, folder, config, args.resume)
+    folder = None
+    if not args.dry_run:  # a dry run loads no data and writes nothing
+        runner.check_runs([{"backbone": b, "method": m, "task": args.task, "text_col": args.text_col,
+                            "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
+                            "batch_size": args.batch_size, "seed": args.seed} for b in run_backbones for m in methods])
+        folder = runner.study_dir(args.storage, name, args.resume)
+        runner.check_resume(name, folder, config, args.resume)
 
     t0 = time.time()
-    planned = [args.max_model] if args.quick else ladder(args.max_model)  # quick: one anchor, not the ladder
     all_backbones = list(dict.fromkeys(run_backbones + planned))
     runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones: meta-device counts"
                + ("" if args.no_memory_estimates else " and fake-tensor memory estimates (Ray tasks)"))
     launch.init_ray(args.address)
     pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
-                            budget=plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib), estimate=not args.no_memory_estimates,
+                            budget=budget, estimate=not args.no_memory_estimates,
                             cache_file=runner.plan_cache(args.storage), progress=runner.log)
+    if args.dry_run:
+        print_plan(pairs, budget, args.json)
+        return
     to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
     runner.log(f"plan: {len(to_run)} of {len(pairs)} pairs run here, every pair is recorded with its estimate "
                f"({time.time() - t0:.1f}s)")
@@ -121,15 +163,17 @@ def main(argv: list[str] | None = None) -> None:
                "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
                "batch_size": args.batch_size, "seed": args.seed, "max_eval_examples": s.max_eval_examples,
                "epochs": s.cost_epochs if cost_only else s.epochs,
-               "max_train_batches": s.cost_batches if cost_only else None, "weights": p.weights}
-        if p.method == "lst" and not cost_only:  # the paper's Fisher-pruned init (batch 1; 256 examples, not 1,024: time)
+               "max_train_batches": s.cost_batches if cost_only else None, "weights": p.weights,
+               "dtype": p.dtype, **({"zero": "on"} if p.zero else {})}
+        # the paper's Fisher-pruned init (batch 1; 256 examples, not 1,024: time); a ZeRO-3 backbone gathers no
+        # gradients, so there LST keeps its L1 init
+        if p.method == "lst" and not cost_only and not p.zero:
             run["method_config"] = {"importance": "fisher", "fisher_examples": min(256, s.train_size)}
         groups.append(Group(name=f"{p.method}|{p.backbone}", run=run,
                             space=spaces.space(p.method, backbones.get_spec(p.backbone).family),
                             n_trials=1 if cost_only else s.trials_per_method, resources=p.resources))
     plan_info = {"study": name, "config": config, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
-                 "pairs": [{"method": p.method, "backbone": p.backbone, "runnable": p.runnable, "reason": p.reason,
-                            **p.counts, **(p.memory or {})} for p in pairs]}
+                 "pairs": [{**p.as_dict(), **(p.memory or {})} for p in pairs]}
     trials, epochs = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,
                                     resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks)
     searched = [g for g in groups if g.run["weights"] != "random" or args.cost_runs == "none"]

@@ -37,6 +37,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("backbone_layers", pa.int64()),
     pa.field("backbone_width", pa.int64()),
     pa.field("weights", pa.string()),
+    pa.field("backbone_revision", pa.string()),  # the commit (or folder digest) pretrained weights were loaded at
     pa.field("task", pa.string()),
     pa.field("train_size", pa.int64()),
     pa.field("seed", pa.int64()),

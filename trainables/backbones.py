@@ -1,79 +1,153 @@
-"""Registry of named backbones: HF config, hub id, local loader, and anatomy.
+"""One backbone resolver: a registry name, `hf:ORG/NAME[@REVISION]`, or a local folder in HF format.
 
-A name resolves to a `BackboneSpec`; `build(name, device="meta")` gives the bare
-backbone (LlamaModel / BertModel, no LM head) for counting, estimating and training.
-Real configs are written out here (not fetched) so every size, up to llama-70b, can be
-built on the meta device offline in milliseconds. `name@L<k>` truncates to the first k
-blocks (pretrained weights included), which gives a pretrained depth ladder offline.
+`get_spec(name)` gives a `BackboneSpec`: the HF config (as a dict), where its weights and
+tokenizer come from, and the anatomy of its family. `build(spec, device, weights)` gives
+the bare backbone (LlamaModel, Qwen2Model, BertModel, ... : no LM head).
+
+- Registry names are shorthands for hub ids with their configs written out here, so
+  every size up to llama-70b builds on the meta device offline in milliseconds (counting,
+  estimating). `name@L<k>` keeps the first k blocks (pretrained weights included): a
+  pretrained depth ladder offline.
+- `hf:ORG/NAME[@REV]` reads `config.json` from the hub; weights and tokenizer come
+  through `huggingface_hub.snapshot_download` + transformers' `from_pretrained`. A gated
+  model needs `HF_TOKEN` in the environment (huggingface_hub reads it; it is never
+  written anywhere by this code).
+- A folder needs a `config.json` (enough for counting) and weights to train pretrained.
+
+Families are data: `ANATOMIES`, keyed by the config's `model_type`, says where a family
+keeps its parts and how to run one block outside its model (mask, rotary). `family` is
+the layout the methods rely on: "llama" (pre-norm decoder with RoPE: llama, mistral,
+qwen2) or "bert" (post-norm encoder: bert, roberta).
+
+Offline assets are hub repositories too: `study.assets fetch` lays them out as a hub
+cache under `<asset cache>/hub` (trainables.assets.OFFLINE_HUB), and every hub id is
+looked up there first, then in the Hugging Face cache, then on the hub — one code path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
 import operator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers import (
+    AutoConfig,
+    BertModel,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralModel,
+    PretrainedConfig,
+    Qwen2Model,
+    RobertaModel,
+)
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 Family = Literal["llama", "bert"]
 Device = Literal["meta", "cpu", "cuda"]
 Weights = Literal["random", "pretrained"]
+MaskFn = Callable[..., Any]
+# What a pretrained load downloads: configs, tokenizers, safetensors weights (not .bin/.gguf/onnx copies).
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+def _causal_mask(config: PretrainedConfig) -> MaskFn:
+    """The mask the decoder itself builds: sliding-window when the config turns it on (Mistral, some Qwen2)."""
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return create_sliding_window_causal_mask if sliding else create_causal_mask
 
 
 @dataclass(frozen=True)
 class Anatomy:
-    """Where a family keeps its parts (attribute paths on the bare backbone)."""
+    """Where a family keeps its parts (attribute paths on the bare backbone) and how a block runs alone."""
 
+    family: Family
+    model_class: type[nn.Module]  # the bare backbone
     blocks: str
     embeddings: str
     final_norm: str | None  # None: the last block's output is the final hidden state (BERT, post-LN)
     attn_proj: tuple[str, ...]  # q, k, v, o module names inside a block
     mlp_proj: tuple[str, ...]
     pooling: Literal["first", "last", "mean"]  # default pooling for classification
+    rotary: type[nn.Module] | None = None  # decoders: the model's own rotary embedding
+    build_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def get(self, model: nn.Module, part: str) -> Any:
         path = getattr(self, part)
         return None if path is None else operator.attrgetter(path)(model)
 
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.build_kwargs)
 
+
+def _decoder(cls: type[nn.Module], rotary: type[nn.Module]) -> Anatomy:
+    return Anatomy("llama", cls, blocks="layers", embeddings="embed_tokens", final_norm="norm",
+                   attn_proj=("q_proj", "k_proj", "v_proj", "o_proj"), mlp_proj=("gate_proj", "up_proj", "down_proj"),
+                   pooling="last", rotary=rotary)
+
+
+def _encoder(cls: type[nn.Module]) -> Anatomy:
+    return Anatomy("bert", cls, blocks="encoder.layer", embeddings="embeddings", final_norm=None,
+                   attn_proj=("query", "key", "value", "dense"), mlp_proj=("intermediate.dense", "output.dense"),
+                   pooling="first", build_kwargs=(("add_pooling_layer", False),))
+
+
+# model_type -> anatomy. Qwen2 has biases on q/k/v: same module names, so the same entry shape.
 ANATOMIES: dict[str, Anatomy] = {
-    "llama": Anatomy(
-        blocks="layers",
-        embeddings="embed_tokens",
-        final_norm="norm",
-        attn_proj=("q_proj", "k_proj", "v_proj", "o_proj"),
-        mlp_proj=("gate_proj", "up_proj", "down_proj"),
-        pooling="last",
-    ),
-    "bert": Anatomy(
-        blocks="encoder.layer",
-        embeddings="embeddings",
-        final_norm=None,
-        attn_proj=("query", "key", "value", "dense"),
-        mlp_proj=("intermediate.dense", "output.dense"),
-        pooling="first",
-    ),
+    "llama": _decoder(LlamaModel, LlamaRotaryEmbedding),
+    "mistral": _decoder(MistralModel, MistralRotaryEmbedding),
+    "qwen2": _decoder(Qwen2Model, Qwen2RotaryEmbedding),
+    "bert": _encoder(BertModel),
+    "roberta": _encoder(RobertaModel),
 }
+
+
+def anatomy_of(model_type: str, where: str = "") -> Anatomy:
+    if model_type not in ANATOMIES:
+        raise ValueError(f"{where or 'config'}: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(ANATOMIES)}")
+    return ANATOMIES[model_type]
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """A resolved backbone. `hf_id`/`folder` say where pretrained weights come from (None: random only)."""
+
     name: str
-    family: Family
+    model_type: str
     config: dict[str, Any] = field(repr=False)
     hf_id: str | None = None
-    local: str | None = None  # asset name in trainables.assets holding pretrained weights
-    tokenizer: str | None = None  # asset whose tokenizer this backbone uses
+    revision: str | None = None  # requested hub revision (branch, tag or commit); None: main
+    folder: str | None = None  # a local folder in HF format
+    tokenizer: str | None = None  # a backbone name (registry, hf:..., folder) whose tokenizer this one uses
     note: str = ""
 
     @property
     def anatomy(self) -> Anatomy:
-        return ANATOMIES[self.family]
+        return anatomy_of(self.model_type, self.name)
+
+    @property
+    def family(self) -> Family:
+        return self.anatomy.family
 
     @property
     def n_layers(self) -> int:
@@ -83,9 +157,13 @@ class BackboneSpec:
     def d_model(self) -> int:
         return int(self.config["hidden_size"])
 
-    def hf_config(self) -> LlamaConfig | BertConfig:
-        cls = LlamaConfig if self.family == "llama" else BertConfig
-        cfg = cls(**self.config)
+    @property
+    def has_checkpoint(self) -> bool:
+        """Pretrained weights exist somewhere (hub or folder); whether they are on this machine: `weights_here`."""
+        return self.hf_id is not None or self.folder is not None
+
+    def hf_config(self) -> PretrainedConfig:
+        cfg = AutoConfig.for_model(self.model_type, **self.config)
         # One attention implementation everywhere, so side blocks and the backbone agree.
         cfg._attn_implementation = "sdpa"
         return cfg
@@ -104,37 +182,41 @@ def _bert(d: int, layers: int, heads: int, ff: int, vocab: int = 30522) -> dict[
                 intermediate_size=ff, vocab_size=vocab, max_position_embeddings=512, pad_token_id=0)
 
 
+def _spec(name: str, model_type: str, config: dict[str, Any], hf_id: str | None = None, revision: str | None = None,
+          tokenizer: str | None = None, note: str = "") -> BackboneSpec:
+    return BackboneSpec(name, model_type, config, hf_id=hf_id, revision=revision,
+                        tokenizer=tokenizer or (name if hf_id else None), note=note)
+
+
+# The offline SmolLM2 asset is the dequantised Q4_1 GGUF of SmolLM2-135M-Instruct, not the hub's
+# safetensors: it is presented as revision `gguf-q4_1` of that repo (trainables.assets.OFFLINE_HUB),
+# so `smollm2-135m` rows say which weights they used and `hf:HuggingFaceTB/SmolLM2-135M-Instruct`
+# (main) still means the hub's own weights on a cluster.
+SMOLLM2_OFFLINE_REVISION = "gguf-q4_1"
 _SMOL = dict(vocab=49152, tied=True, rope_theta=100000.0, pad=2, max_pos=8192)
 _SPECS = [
     # tests: tiny, but with the real tokenizers' vocabularies so they also run on real tasks
-    BackboneSpec("llama-tiny", "llama", _llama(64, 2, 4, 128, kv=2, **_SMOL), tokenizer="smollm2-135m",
-                 note="tests"),
-    BackboneSpec("bert-tiny", "bert", _bert(64, 2, 4, 128), tokenizer="minilm-l6", note="tests"),
+    _spec("llama-tiny", "llama", _llama(64, 2, 4, 128, kv=2, **_SMOL), tokenizer="smollm2-135m", note="tests"),
+    _spec("bert-tiny", "bert", _bert(64, 2, 4, 128), tokenizer="minilm-l6", note="tests"),
     # random-initialised Llama ladder for cost scaling on CPU (width and depth grow together)
-    BackboneSpec("llama-11m", "llama", _llama(256, 4, 4, 688), tokenizer="smollm2-135m", note="ladder"),
-    BackboneSpec("llama-35m", "llama", _llama(512, 6, 8, 1376), tokenizer="smollm2-135m", note="ladder"),
-    BackboneSpec("llama-110m", "llama", _llama(768, 12, 12, 2048), tokenizer="smollm2-135m", note="ladder"),
-    BackboneSpec("llama-340m", "llama", _llama(1024, 24, 16, 2816), tokenizer="smollm2-135m", note="ladder"),
-    # real configurations (hub ids for clusters)
-    BackboneSpec("tinyllama-1.1b", "llama", _llama(2048, 22, 32, 5632, kv=4, max_pos=2048),
-                 hf_id="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
-    BackboneSpec("llama-7b", "llama", _llama(4096, 32, 32, 11008, eps=1e-6, max_pos=2048),
-                 hf_id="huggyllama/llama-7b"),
-    BackboneSpec("llama-13b", "llama", _llama(5120, 40, 40, 13824, eps=1e-6, max_pos=2048),
-                 hf_id="huggyllama/llama-13b"),
-    BackboneSpec("llama-70b", "llama", _llama(8192, 80, 64, 28672, kv=8, max_pos=4096),
-                 hf_id="meta-llama/Llama-2-70b-hf"),
-    BackboneSpec("smollm2-135m", "llama", _llama(576, 30, 9, 1536, kv=3, **_SMOL),
-                 hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", local="smollm2-135m", tokenizer="smollm2-135m"),
-    BackboneSpec("smollm2-360m", "llama", _llama(960, 32, 15, 2560, kv=5, **_SMOL),
-                 hf_id="HuggingFaceTB/SmolLM2-360M-Instruct", tokenizer="smollm2-135m"),
-    BackboneSpec("smollm2-1.7b", "llama", _llama(2048, 24, 32, 8192, kv=32, **_SMOL),
-                 hf_id="HuggingFaceTB/SmolLM2-1.7B-Instruct", tokenizer="smollm2-135m"),
-    BackboneSpec("minilm-l6", "bert", _bert(384, 6, 12, 1536), hf_id="sentence-transformers/all-MiniLM-L6-v2",
-                 local="minilm-l6", tokenizer="minilm-l6"),
-    BackboneSpec("bert-base", "bert", _bert(768, 12, 12, 3072), hf_id="bert-base-uncased", tokenizer="minilm-l6"),
-    BackboneSpec("bert-large", "bert", _bert(1024, 24, 16, 4096), hf_id="bert-large-uncased",
-                 tokenizer="minilm-l6"),
+    _spec("llama-11m", "llama", _llama(256, 4, 4, 688), tokenizer="smollm2-135m", note="ladder"),
+    _spec("llama-35m", "llama", _llama(512, 6, 8, 1376), tokenizer="smollm2-135m", note="ladder"),
+    _spec("llama-110m", "llama", _llama(768, 12, 12, 2048), tokenizer="smollm2-135m", note="ladder"),
+    _spec("llama-340m", "llama", _llama(1024, 24, 16, 2816), tokenizer="smollm2-135m", note="ladder"),
+    # real checkpoints: the configs written out, the hub ids they stand for
+    _spec("tinyllama-1.1b", "llama", _llama(2048, 22, 32, 5632, kv=4, max_pos=2048),
+          hf_id="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+    _spec("llama-7b", "llama", _llama(4096, 32, 32, 11008, eps=1e-6, max_pos=2048), hf_id="huggyllama/llama-7b"),
+    _spec("llama-13b", "llama", _llama(5120, 40, 40, 13824, eps=1e-6, max_pos=2048), hf_id="huggyllama/llama-13b"),
+    _spec("llama-70b", "llama", _llama(8192, 80, 64, 28672, kv=8, max_pos=4096), hf_id="meta-llama/Llama-2-70b-hf"),
+    _spec("smollm2-135m", "llama", _llama(576, 30, 9, 1536, kv=3, **_SMOL),
+          hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision=SMOLLM2_OFFLINE_REVISION),
+    _spec("smollm2-360m", "llama", _llama(960, 32, 15, 2560, kv=5, **_SMOL), hf_id="HuggingFaceTB/SmolLM2-360M-Instruct"),
+    _spec("smollm2-1.7b", "llama", _llama(2048, 24, 32, 8192, kv=32, **_SMOL),
+          hf_id="HuggingFaceTB/SmolLM2-1.7B-Instruct"),
+    _spec("minilm-l6", "bert", _bert(384, 6, 12, 1536), hf_id="sentence-transformers/all-MiniLM-L6-v2"),
+    _spec("bert-base", "bert", _bert(768, 12, 12, 3072), hf_id="google-bert/bert-base-uncased"),
+    _spec("bert-large", "bert", _bert(1024, 24, 16, 4096), hf_id="google-bert/bert-large-uncased"),
 ]
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
 
@@ -143,107 +225,350 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
-def get_spec(name: str | BackboneSpec) -> BackboneSpec:
-    """Resolve a name, including truncated variants `base@L<k>` (first k blocks)."""
-    if isinstance(name, BackboneSpec):
-        return name
-    base, _, trunc = name.partition("@")
-    if base not in REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(REGISTRY)} (or NAME@L<k> to truncate)")
-    spec = REGISTRY[base]
-    if not trunc:
-        return spec
+# --------------------------------------------------------------------------- the hub (one code path)
+
+def offline_hub() -> Path:
+    """The hub cache `study.assets fetch` lays the offline assets out in."""
+    from trainables.assets import hub_dir  # local import: meta counting needs no asset cache
+
+    return hub_dir()
+
+
+def offline_names() -> str:
+    """`name (ORG/NAME@REV)` of every registry backbone whose weights are on this machine."""
+    here = [s for s in REGISTRY.values() if s.hf_id and weights_here(s)]
+    return ", ".join(f"{s.name} ({s.hf_id}@{s.revision or 'main'})" for s in here) or "none (run study.assets fetch)"
+
+
+def _hub_error(exc: Exception, repo: str, revision: str | None) -> ValueError:
+    """A hub failure as one line that says what to do."""
+    from huggingface_hub import errors
+
+    where = f"{repo}@{revision or 'main'}"
+    if isinstance(exc, errors.GatedRepoError):
+        return ValueError(f"{where} is gated: accept its licence on huggingface.co, then set HF_TOKEN in the "
+                          "environment of every process that loads it (export HF_TOKEN=hf_...; on a cluster via "
+                          "the node setup or the job's runtime_env), never in a file")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ValueError(f"{repo} has no revision {revision!r} on the hub (a branch, tag or commit hash)")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return ValueError(f"unknown hub id {repo!r} (no such model on huggingface.co, or private without HF_TOKEN)")
+    if isinstance(exc, errors.RemoteEntryNotFoundError):
+        return ValueError(f"{where} is not a checkpoint: it has no config.json")
+    if isinstance(exc, errors.LocalEntryNotFoundError | errors.IncompleteSnapshotError | OSError):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+        return ValueError(f"{where} is not on this machine and {why}; offline backbones here: {offline_names()}")
+    return ValueError(f"{where}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+
+
+@contextlib.contextmanager
+def _download_lock(repo: str, revision: str | None) -> Iterator[None]:
+    """Trials starting together on one node download a repo once: the first holds the lock, the rest find it cached."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    root = Path(HF_HUB_CACHE)
+    root.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(f"{repo}@{revision}".encode()).hexdigest()[:16]
+    with file_lock(root / f".petl-download-{tag}.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if absent), shared by processes on one machine."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cached_snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path | None:
+    """The snapshot folder from the offline hub or the Hugging Face cache, without the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    caches = [offline_hub(), None]  # None: the Hugging Face cache (HF_HOME / HF_HUB_CACHE)
+    for cache in caches:
+        if cache is not None and not cache.is_dir():
+            continue
+        try:
+            return Path(snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=patterns,
+                                          local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+            continue
+    return None
+
+
+def snapshot(repo: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
+    """A hub repository's files on this machine (cached, else downloaded once per node); ValueError if not."""
+    from huggingface_hub import snapshot_download
+
+    patterns = patterns or WEIGHT_PATTERNS
+    found = _cached_snapshot(repo, revision, patterns)
+    if found is not None and (patterns is not WEIGHT_PATTERNS or any(found.glob("*.safetensors"))):
+        return found
+    try:
+        with _download_lock(repo, revision):
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # every hub failure becomes one line (ValueError)
+        raise _hub_error(exc, repo, revision) from None
+
+
+def _hub_config(repo: str, revision: str | None) -> dict[str, Any]:
+    """config.json of a hub repo: from a cache, else downloaded (only that file)."""
+    from huggingface_hub import hf_hub_download
+
+    for cache in (offline_hub(), None):
+        if cache is not None and not cache.is_dir():
+            continue
+        with contextlib.suppress(Exception):
+            path = hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache, local_files_only=True)
+            return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
+    except Exception as exc:
+        raise _hub_error(exc, repo, revision) from None
+
+
+def weights_here(spec: BackboneSpec) -> bool:
+    """Pretrained weights are on this machine (offline hub, HF cache, or a folder): no download needed."""
+    if spec.folder is not None:
+        return any(Path(spec.folder).glob("*.safetensors"))
+    if spec.hf_id is None:
+        return False
+    found = _cached_snapshot(spec.hf_id, spec.revision, WEIGHT_PATTERNS)
+    return found is not None and any(found.glob("*.safetensors"))
+
+
+def tokenizer_here(spec: BackboneSpec) -> bool:
+    """The backbone's tokenizer is on this machine (no download needed)."""
+    if spec.tokenizer is None:
+        return False
+    owner = get_spec(spec.tokenizer)
+    if owner.folder is not None:
+        return True
+    return owner.hf_id is not None and _cached_snapshot(owner.hf_id, owner.revision, TOKENIZER_PATTERNS) is not None
+
+
+# --------------------------------------------------------------------------- resolving a name
+
+def _truncated(spec: BackboneSpec, trunc: str, name: str) -> BackboneSpec:
     if not (trunc.startswith("L") and trunc[1:].isdigit()):
-        raise ValueError(f"bad truncation {trunc!r} in {name!r}; expected NAME@L<k>, e.g. {base}@L{spec.n_layers // 2}")
+        raise ValueError(f"bad truncation {trunc!r} in {name!r}; expected NAME@L<k>, e.g. "
+                         f"{spec.name}@L{max(1, spec.n_layers // 2)}")
     k = int(trunc[1:])
     if not 1 <= k <= spec.n_layers:
-        raise ValueError(f"{name!r}: {base} has {spec.n_layers} blocks; k must be in 1..{spec.n_layers}")
+        raise ValueError(f"{name!r}: {spec.name} has {spec.n_layers} blocks; k must be in 1..{spec.n_layers}")
     return dataclasses.replace(spec, name=name, config={**spec.config, "num_hidden_layers": k})
 
 
-def build(spec: str | BackboneSpec, device: Device | str = "meta", weights: Weights = "random",
+def _from_config_dict(name: str, config: dict[str, Any], **where: Any) -> BackboneSpec:
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{name}: config.json has no model_type; supported: {', '.join(ANATOMIES)}")
+    anatomy_of(model_type, name)
+    keep = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures",
+                                                       "auto_map", "quantization_config")}
+    return BackboneSpec(name, model_type, keep, tokenizer=name, **where)
+
+
+def _is_pathlike(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name or Path(name).expanduser().exists()
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(name: str) -> BackboneSpec:
+    if name.startswith("hf:"):
+        body = name[3:]
+        repo, *tags = body.split("@")
+        trunc = tags.pop() if tags and tags[-1][:1] == "L" and tags[-1][1:].isdigit() else None
+        if len(tags) > 1 or repo.count("/") != 1 or not all(repo.split("/")):
+            raise ValueError(f"bad hub id {name!r}; expected hf:ORG/NAME[@REVISION][@L<k>]")
+        revision = tags[0] if tags else None
+        spec = _from_config_dict(name if trunc is None else name.rsplit("@", 1)[0], _hub_config(repo, revision),
+                                 hf_id=repo, revision=revision)
+        return spec if trunc is None else _truncated(spec, trunc, name)
+    base, _, trunc = name.partition("@")
+    if base in REGISTRY:
+        return REGISTRY[base] if not trunc else _truncated(REGISTRY[base], trunc, name)
+    if _is_pathlike(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"backbone folder {name!r} does not exist")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{name!r} is not a checkpoint folder: it has no config.json (a Hugging Face "
+                             "model folder, e.g. from save_pretrained)")
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: config.json is not valid JSON ({exc})") from None
+        return _from_config_dict(name, config, folder=str(folder.resolve()))
+    raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(REGISTRY)} (NAME@L<k> truncates), "
+                     "hf:ORG/NAME[@REVISION], or a folder in Hugging Face format")
+
+
+def get_spec(name: str | BackboneSpec) -> BackboneSpec:
+    """Resolve a registry name (NAME@L<k> truncates), `hf:ORG/NAME[@REV]`, or a folder; ValueError says why not."""
+    return name if isinstance(name, BackboneSpec) else _resolve(name)
+
+
+# --------------------------------------------------------------------------- weights and tokenizer
+
+@dataclass(frozen=True)
+class Source:
+    """Pretrained files on this machine and the revision they are (a hub commit, or a folder's digest)."""
+
+    folder: Path
+    revision: str
+
+
+def folder_revision(folder: Path) -> str:
+    """A local folder has no commit: name it by its config and its weight files' names and sizes."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"folder:{h.hexdigest()[:16]}"
+
+
+def source(spec: str | BackboneSpec, patterns: list[str] | None = None) -> Source:
+    """Where the pretrained files are; downloads them (once per node) when they are not cached."""
+    spec = get_spec(spec)
+    if spec.folder is not None:
+        folder = Path(spec.folder)
+        if patterns is not TOKENIZER_PATTERNS and not any(folder.glob("*.safetensors")):
+            raise ValueError(f"{spec.name}: the folder has no *.safetensors weights (counting works, training "
+                             "pretrained does not; use weights=random)")
+        return Source(folder, folder_revision(folder))
+    if spec.hf_id is None:
+        raise ValueError(f"{spec.name} has no checkpoint (random weights only); pretrained: "
+                         f"{', '.join(n for n, s in REGISTRY.items() if s.has_checkpoint)}, or hf:ORG/NAME")
+    folder = snapshot(spec.hf_id, spec.revision, patterns)
+    return Source(folder, folder.name)  # the snapshot folder is named by its commit hash
+
+
+def load_pretrained(spec: str | BackboneSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    src: Source | None = None) -> nn.Module:
+    """The bare backbone with its checkpoint's weights (the spec's config wins: truncation keeps the first k blocks)."""
+    spec = get_spec(spec)
+    src = src or source(spec)
+    cls = spec.anatomy.model_class
+    cfg = AutoConfig.from_pretrained(src.folder)
+    cfg.num_hidden_layers = spec.n_layers
+    cfg._attn_implementation = "sdpa"
+    placed = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}  # straight there
+    model = cls.from_pretrained(src.folder, config=cfg, dtype=dtype, **placed, **spec.anatomy.kwargs)
+    return model.eval()
+
+
+def build(spec: str | BackboneSpec, device: Device | str | torch.device = "meta", weights: Weights = "random",
           dtype: torch.dtype = torch.float32, causal_lm: bool = False) -> nn.Module:
-    """Build a backbone. Meta builds allocate nothing (any size in well under a second).
+    """Build a backbone directly in `dtype` on `device` (meta builds allocate nothing: any size in well under a second).
 
     `causal_lm=True` returns the LM-head model (LlamaForCausalLM) — only for counting
     against published totals; training uses the bare backbone.
     """
     spec = get_spec(spec)
-    cfg = spec.hf_config()
     if weights == "pretrained":
         if causal_lm:
             raise ValueError("pretrained causal-LM builds are not needed; use causal_lm=False")
-        model = _load_pretrained(spec, cfg, dtype)
-        return model.to(device) if str(device) != "cpu" else model
+        return load_pretrained(spec, dtype, device)
     if weights != "random":
         raise ValueError(f"weights must be 'random' or 'pretrained', not {weights!r}")
-    cls = (LlamaForCausalLM if causal_lm else LlamaModel) if spec.family == "llama" else BertModel
-    if causal_lm and spec.family != "llama":
-        raise ValueError(f"causal_lm builds exist only for the llama family, not {spec.family}")
-    kwargs = {"add_pooling_layer": False} if spec.family == "bert" else {}
-    # Random values are drawn on the CPU whatever the target device (CUDA's generator draws other
-    # numbers from the same seed): a trial on a GPU node gets the weights, and so the activation-cache
-    # key, that the planner and the cache builders computed on CPU.
+    if causal_lm and spec.model_type != "llama":
+        raise ValueError(f"causal_lm builds exist only for llama configs, not {spec.model_type}")
+    cls = LlamaForCausalLM if causal_lm else spec.anatomy.model_class
+    # Drawn directly in `dtype` (a random 7B never exists in fp32), on the CPU whatever the target device
+    # (CUDA's generator draws other numbers from the same seed): a trial on a GPU node gets the weights,
+    # and so the activation-cache key, that the planner and the cache builders computed on CPU.
     with torch.device("meta" if str(device) == "meta" else "cpu"):
-        model = cls(cfg, **kwargs)
-    return model.to(dtype).to(device).eval()
-
-
-def _load_pretrained(spec: BackboneSpec, cfg: LlamaConfig | BertConfig, dtype: torch.dtype) -> nn.Module:
-    from trainables.assets import asset_path  # local import: meta counting needs no asset cache
-
-    if spec.local is None:
-        where = f"hub id {spec.hf_id}" if spec.hf_id else "no weights"
-        local = [s.name for s in REGISTRY.values() if s.local]
-        raise ValueError(f"{spec.name} has no offline weights here ({where}); pretrained offline: {', '.join(local)}")
-    folder = asset_path(spec.local)
-    cls = LlamaModel if spec.family == "llama" else BertModel
-    kwargs = {"add_pooling_layer": False} if spec.family == "bert" else {}
-    # The registry's config (possibly truncated) wins over the checkpoint's; blocks beyond k are ignored.
-    pretrained_cfg = cls.config_class.from_pretrained(folder)
-    pretrained_cfg.num_hidden_layers = cfg.num_hidden_layers
-    pretrained_cfg._attn_implementation = cfg._attn_implementation
-    model = cls.from_pretrained(folder, config=pretrained_cfg, dtype=dtype, **kwargs)
+        model = cls._from_config(spec.hf_config(), dtype=dtype, **({} if causal_lm else spec.anatomy.kwargs))
+    model = model.to(device)
     return model.eval()
 
 
 def load_tokenizer(spec: str | BackboneSpec):
+    """The tokenizer of the backbone (or of the registry entry it borrows one from), through the hub path."""
     from transformers import AutoTokenizer
-
-    from trainables.assets import asset_path
 
     spec = get_spec(spec)
     if spec.tokenizer is None:
-        raise ValueError(f"{spec.name} has no offline tokenizer; it is for counting and estimating only")
-    tok = AutoTokenizer.from_pretrained(asset_path(spec.tokenizer))
+        raise ValueError(f"{spec.name} has no tokenizer; it is for counting and estimating only")
+    owner = get_spec(spec.tokenizer)
+    tok = AutoTokenizer.from_pretrained(source(owner, TOKENIZER_PATTERNS).folder)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_revision(spec: str | BackboneSpec) -> str:
+    spec = get_spec(spec)
+    if spec.tokenizer is None:
+        return "none"
+    owner = get_spec(spec.tokenizer)
+    return f"{owner.hf_id or owner.folder}@{source(owner, TOKENIZER_PATTERNS).revision}"
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+# --------------------------------------------------------------------------- partial materialisation
+
+def materialise(backbone: nn.Module, spec: BackboneSpec, names: set[str], src: Source,
+                device: torch.device | str, dtype: torch.dtype) -> int:
+    """Give some parameters of a meta-device backbone their checkpoint values on `device`; returns bytes loaded.
+
+    What a cached side trial reads (a final norm, SHERL's last block) is loaded from the
+    safetensors files by name; the rest of the backbone stays on the meta device.
+    """
+    from safetensors import safe_open
+
+    owners = {n: backbone.get_submodule(n.rpartition(".")[0]) for n in names}
+    wanted = {n: (owners[n], n.rpartition(".")[2]) for n in names
+              if getattr(owners[n], n.rpartition(".")[2]).device.type == "meta"}
+    prefixes = ("", f"{spec.anatomy.model_class.base_model_prefix}.", "model.")
+    loaded = 0
+    for file in sorted(src.folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                target = next((key[len(p):] for p in prefixes if key.startswith(p) and key[len(p):] in wanted), None)
+                if target is None:
+                    continue
+                module, leaf = wanted.pop(target)
+                value = f.get_tensor(key).to(device=device, dtype=dtype)
+                module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                loaded += value.numel() * value.element_size()
+    if wanted:
+        raise ValueError(f"{spec.name}: checkpoint lacks {sorted(wanted)[:3]} (needed by the method)")
+    return loaded
+
+
+# --------------------------------------------------------------------------- running one block alone
+
 class BlockRunner(nn.Module):
     """Calls one block of a family outside its parent model (side blocks, SHERL's late route).
 
-    Builds the same attention mask (and rotary embeddings, for Llama) the parent model
-    would, with transformers' own mask helpers, so a block behaves exactly as inside it.
+    Builds the same attention mask (and rotary embeddings, for decoders) the parent model
+    would, with transformers' own mask helpers and the family's rotary class (the anatomy
+    of `config.model_type`), so a block behaves exactly as inside it.
     """
 
-    def __init__(self, family: Family, config: LlamaConfig | BertConfig):
+    def __init__(self, family: Family, config: PretrainedConfig):
         super().__init__()
-        self.family = family
+        anatomy = ANATOMIES.get(getattr(config, "model_type", ""), ANATOMIES[family])
+        self.family = anatomy.family
         self.config = config
-        self.rotary = LlamaRotaryEmbedding(config) if family == "llama" else None
+        self.rotary = anatomy.rotary(config) if anatomy.rotary is not None else None
 
     def prepare(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
         """Per-batch kwargs for every block call (compute once, reuse across blocks)."""
-        if self.family == "llama":
+        if self.rotary is not None:
             pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                      past_key_values=None, position_ids=pos)
+            mask = _causal_mask(self.config)(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                             past_key_values=None, position_ids=pos)
             return {"attention_mask": mask, "position_ids": pos, "position_embeddings": self.rotary(hidden, pos)}
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         return {"attention_mask": mask}

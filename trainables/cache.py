@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from trainables.backbones import BackboneSpec
+from trainables.backbones import BackboneSpec, file_lock
 from trainables.energy import EnergyMeter
 from trainables.methods.base import SideModel, Taps, collect_taps, pooled_positions
 from trainables.zero import input_device, is_partitioned, lockstep
@@ -97,16 +96,16 @@ def data_digest(split: datasets.Dataset) -> str:
     return _sha([table["input_ids"], table["labels"]])
 
 
-def weights_revision(spec: BackboneSpec, weights: str, seed: int, backbone: nn.Module) -> str:
-    """Pretrained: the asset archive's hash. Random: a digest of the drawn values themselves (a sample
-    of every tensor), so two builds that drew differently never share a cache; a partitioned (ZeRO)
-    random backbone has no local values to sample: its seed names it."""
+def weights_revision(spec: BackboneSpec, weights: str, seed: int, backbone: nn.Module,
+                     revision: str | None = None) -> str:
+    """Pretrained: the repo (or folder) and the resolved revision it was loaded at (a hub commit).
+    Random: a digest of the drawn values themselves (a sample of every tensor), so two builds that
+    drew differently never share a cache; a partitioned (ZeRO) random backbone has no local values
+    to sample: its seed names it."""
     if weights == "pretrained":
-        from trainables.assets import MANIFEST as ASSET_MANIFEST
-        from trainables.assets import asset_path
+        from trainables.backbones import source
 
-        manifest = json.loads((asset_path(spec.local) / ASSET_MANIFEST).read_text())
-        return f"{spec.local}:{manifest['archive_sha256']}"
+        return f"{spec.hf_id or spec.folder}@{revision or source(spec).revision}"
     if is_partitioned(backbone):
         return f"random:seed={seed}:torch={torch.__version__}:zero-init"
     h = hashlib.sha256()
@@ -117,13 +116,9 @@ def weights_revision(spec: BackboneSpec, weights: str, seed: int, backbone: nn.M
 
 
 def tokenizer_revision(spec: BackboneSpec) -> str:
-    if spec.tokenizer is None:
-        return "none"
-    from trainables.assets import MANIFEST as ASSET_MANIFEST
-    from trainables.assets import asset_path
+    from trainables.backbones import tokenizer_revision as revision
 
-    manifest = json.loads((asset_path(spec.tokenizer) / ASSET_MANIFEST).read_text())
-    return f"{spec.tokenizer}:{manifest['archive_sha256']}"
+    return revision(spec)
 
 
 def tap_request(model: SideModel) -> tuple[tuple[int, ...], Positions]:
@@ -144,12 +139,12 @@ class CacheSettings(Protocol):
 
 
 def trial_keys(model: SideModel, spec: BackboneSpec, cfg: CacheSettings, splits: dict[str, datasets.Dataset], *,
-               weights: str) -> dict[str, CacheKey]:
+               weights: str, revision: str | None = None) -> dict[str, CacheKey]:
     """One key per split the trial reads. With pretrained weights `model` may live on the meta device."""
     taps, positions = tap_request(model)
     compute_dtype = next(model.backbone.parameters()).dtype
     common = dict(backbone=spec.name, backbone_config=_sha(spec.config),
-                  weights=weights_revision(spec, weights, cfg.seed, model.backbone),
+                  weights=weights_revision(spec, weights, cfg.seed, model.backbone, revision),
                   compute_dtype=str(compute_dtype).removeprefix("torch."),
                   tokenizer="none" if cfg.task == "synthetic" else tokenizer_revision(spec),
                   task=cfg.task, train_size=cfg.train_size, seed=cfg.seed, max_length=cfg.max_length,
@@ -230,12 +225,8 @@ def verify(folder: Path, key: CacheKey) -> str | None:
 @contextlib.contextmanager
 def _locked(root: Path, name: str) -> Iterator[None]:
     """An exclusive lock per cache name: a second builder blocks until the first has committed."""
-    with open(root / f".{name}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(root / f".{name}.lock"):
+        yield
 
 
 def manifest_of(key: CacheKey, lengths: np.ndarray, records: list[dict[str, Any]], build_s: float,
@@ -527,19 +518,44 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else cache_dir() / "activations"
 
 
-def for_trial(model: SideModel, spec: BackboneSpec, cfg: TrialSettings, splits: dict[str, datasets.Dataset], *,
-              weights: str, pad_token_id: int) -> tuple[dict[str, TapReader] | None, str]:
-    """Readers for every split (found, or built here with the trial's own backbone), or None and why not."""
+def roots(cfg: TrialSettings) -> tuple[Path, str | None]:
+    """The local cache folder a trial reads, and the cloud cache it mirrors (None: the folder is the cache)."""
     remote = cfg.cache_dir if is_remote(cfg.cache_dir) else None  # a cloud cache is mirrored to this node
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir and not remote else default_root()
-    keys = trial_keys(model, spec, cfg, splits, weights=weights)
+    return root, remote
+
+
+def lookup(root: Path, keys: dict[str, CacheKey], n_layers: int, remote: str | None = None) -> dict[str, Path]:
+    """The verified cache folder of every split that has one (a full-taps cache serves fewer taps)."""
     found: dict[str, Path] = {}
     for name, key in keys.items():
-        folder = next((root / k.fingerprint() for k in candidates(key, spec.n_layers)
+        folder = next((root / k.fingerprint() for k in candidates(key, n_layers)
                        if verify(root / k.fingerprint(), k) is None
                        or (remote is not None and fetch(remote, k, root) is not None)), None)
         if folder is not None:
             found[name] = folder
+    return found
+
+
+def trial_root(cfg: TrialSettings) -> Path:
+    return roots(cfg)[0]
+
+
+def find(model: SideModel, spec: BackboneSpec, cfg: TrialSettings, splits: dict[str, datasets.Dataset], *,
+         weights: str, revision: str | None = None) -> dict[str, TapReader] | None:
+    """Readers for every split if all are cached, else None; builds nothing (the backbone may be on meta)."""
+    keys = trial_keys(model, spec, cfg, splits, weights=weights, revision=revision)
+    root, remote = roots(cfg)
+    found = lookup(root, keys, spec.n_layers, remote)
+    return {name: open_reader(folder) for name, folder in found.items()} if len(found) == len(keys) else None
+
+
+def for_trial(model: SideModel, spec: BackboneSpec, cfg: TrialSettings, splits: dict[str, datasets.Dataset], *,
+              weights: str, pad_token_id: int, revision: str | None = None) -> tuple[dict[str, TapReader] | None, str]:
+    """Readers for every split (found, or built here with the trial's own backbone), or None and why not."""
+    root, remote = roots(cfg)
+    keys = trial_keys(model, spec, cfg, splits, weights=weights, revision=revision)
+    found = lookup(root, keys, spec.n_layers, remote)
     missing = [name for name in keys if name not in found]
     statuses = ["hit"] if not missing else []
     if missing:

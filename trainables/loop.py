@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -39,22 +38,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import numpy as np
 import torch
 import transformers
-from torch import nn
 
-from trainables import cache, tasks, zero
-from trainables.backbones import BackboneSpec, build, get_spec, load_tokenizer
-from trainables.energy import EnergyMeter, flops_per_step
-from trainables.memory import measure_step
+from trainables import tasks
+from trainables.backbones import build, get_spec
+from trainables.energy import EnergyMeter
 from trainables.methods import apply_method, get_method
-from trainables.methods.base import Output, Pooling, Taps, TaskModel, config_from_dict
+from trainables.methods.base import Pooling, TaskModel, config_from_dict
+from trainables.trial import Trial, assemble, device_name, eval_subset, frozen_backbone, load_data, resolve  # noqa: F401 (re-exported)
 
 # The trial record (DESIGN.md, trials.parquet), in this order; null where not applicable.
 SUMMARY_KEYS: tuple[str, ...] = (
-    "status", "error", "method", "backbone", "backbone_family", "task", "train_size", "seed", "pooling",
+    "status", "error", "method", "backbone", "backbone_family", "backbone_revision", "task", "train_size", "seed",
+    "pooling",
     "metric_name", "best_metric", "best_epoch", "final_metric", "epochs_run", "epochs_to_target",
     "params_total", "params_trainable", "params_head",
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
@@ -159,8 +157,8 @@ def validate(cfg: RunConfig) -> None:
     method_cfg = get_method(cfg.method).parse(cfg.method_config)
     if not (cfg.task in tasks.TASK_NAMES or cfg.task.startswith("file:")):
         raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, or file:PATH")
-    if cfg.weights == "pretrained" and spec.local is None:
-        raise ValueError(f"{spec.name} has no offline pretrained weights; use weights=random or auto")
+    if cfg.weights == "pretrained" and not spec.has_checkpoint:
+        raise ValueError(f"{spec.name} has no checkpoint (random weights only); use weights=random or auto")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda, but no CUDA device is visible")
     if cfg.zero == "on" and get_method(cfg.method).family == "graft":
@@ -267,15 +265,6 @@ def epochs_to_target(metrics: list[float], fraction: float) -> int | None:
     return next(i + 1 for i, m in enumerate(metrics) if m >= target)
 
 
-def eval_subset(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
-    """At most n examples, the same fixed random ones for every trial (splits keep file order,
-    which may be sorted by label, so the first n could all be one class)."""
-    if n is None or len(split) <= n:
-        return split
-    keep = np.random.default_rng(0).permutation(len(split))[:n]
-    return split.select(sorted(keep.tolist()))
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write temp, then rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -305,12 +294,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.machine()}"
-
-
 def real_tokens(batch: dict[str, Any]) -> int:
     """Real (non-padding) tokens of a batch, live or cached (a pooled cache keeps the lengths)."""
     return int(batch["lengths"].sum() if "lengths" in batch else batch["attention_mask"].sum())
@@ -319,36 +302,6 @@ def real_tokens(batch: dict[str, Any]) -> int:
 def no_nan(summary: dict[str, Any]) -> dict[str, Any]:
     """Nulls, never NaN (DESIGN.md): a non-finite float becomes None."""
     return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
-
-
-def resolve(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
-    """The trial's device, compute dtype and weights (auto: pretrained when available offline)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
-        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    spec = get_spec(cfg.backbone)
-    weights = ("pretrained" if spec.local else "random") if cfg.weights == "auto" else cfg.weights
-    return device, dtype, weights
-
-
-def load_data(cfg: RunConfig, spec: BackboneSpec) -> tuple[tasks.TaskData, datasets.Dataset]:
-    """The tokenised task (training subsample drawn by seed) and the validation examples evaluated."""
-    tokenizer = None if cfg.task == "synthetic" else load_tokenizer(spec)
-    task = tasks.load_task(cfg.task, tokenizer, max_length=cfg.max_length, train_size=cfg.train_size,
-                           seed=cfg.seed, text_col=cfg.text_col, label_col=cfg.label_col,
-                           vocab_size=spec.config["vocab_size"])
-    return task, eval_subset(task.validation, cfg.max_eval_examples)
-
-
-def frozen_backbone(cfg: RunConfig, spec: BackboneSpec, device: torch.device, dtype: torch.dtype,
-                    weights: str) -> tuple[nn.Module, zero.ZeroBackbone | None]:
-    """The backbone, partitioned under ZeRO-3 for a side method when asked or when it does not fit."""
-    side = get_method(cfg.method).family != "graft"
-    if side and (cfg.zero == "on" or (cfg.zero == "auto" and zero.needed(spec, dtype, device))):
-        partitioned = zero.build_partitioned(spec, weights=weights, dtype=dtype,
-                                             ds_config=zero.config(cfg.zero_offload, dtype, cfg.zero_nvme_path))
-        return partitioned.module, partitioned
-    return build(spec, device=device, weights=weights, dtype=dtype), None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -369,64 +322,18 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
                 "torch_version": torch.__version__, "transformers_version": transformers.__version__}
     history: list[dict[str, Any]] = []  # one record per finished epoch (what epochs.jsonl holds)
     totals = {"tokens_seen": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "energy_joules": 0.0}
-    reported, live, partitioned = False, False, None
+    reported, live, trial = False, False, None
     try:
-        # ---- setup: everything below is seeded, so a resumed run rebuilds the same frozen backbone
+        # ---- setup: seeded, so a resumed run rebuilds the same frozen backbone (trainables.trial assembles)
         seed_everything(cfg.seed)
         validate(cfg)
-        spec = get_spec(cfg.backbone)
-        device, dtype, weights = resolve(cfg)
-        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                    else contextlib.nullcontext())
-        summary |= {"device": device_name(device), "backbone_family": spec.family}
-        task, validation = load_data(cfg, spec)
-        summary |= {"train_size": len(task.train), "metric_name": task.metric_name}
-
-        info = get_method(cfg.method)
-        side = info.family != "graft"  # frozen backbone read, never trained
-        backbone, partitioned = frozen_backbone(cfg, spec, device, dtype, weights)
-        with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
-            model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels,
-                                 pooling=cfg.pooling)
-        summary["pooling"] = model.pooling
-        if info.init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
-            info.init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
-                task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
-        for _, p in model.trainable_named_parameters():
-            p.data = p.data.float()  # fp32 master weights, whatever the backbone's dtype
-        summary |= model.param_counts()  # full sizes also for a partitioned backbone
-
-        # ---- where batches come from: the activation cache (taps computed once), else the live backbone
-        readers, summary["cache_reason"] = None, (f"not cacheable: {cfg.method} trains inside the backbone"
-                                                  if not info.cacheable else "off: cache=false")
-        if cfg.cache and info.cacheable:
-            readers, summary["cache_reason"] = cache.for_trial(
-                model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights,
-                pad_token_id=task.pad_token_id)
-        summary["cache_hit"] = readers is not None
-        if readers:  # what building the caches it read cost (study.collect splits it over their readers)
-            summary["cache_builds"] = cache.build_costs(readers.values())
-
-        def train_batches(epoch: int) -> Iterator[dict[str, Any]]:
-            seed = epoch_seed(cfg.seed, epoch)
-            if readers:
-                return readers["train"].batches(cfg.batch_size, shuffle=True, seed=seed)
-            return tasks.batches(task.train, cfg.batch_size, pad_token_id=task.pad_token_id, shuffle=True, seed=seed)
-
-        def eval_batches() -> Iterator[dict[str, Any]]:
-            if readers:
-                return readers["validation"].batches(cfg.eval_batch_size)
-            return tasks.batches(validation, cfg.eval_batch_size, pad_token_id=task.pad_token_id)
-
-        def forward(batch: dict[str, Any], with_labels: bool = True) -> Output:
-            labels = batch["labels"] if with_labels else None
-            if "taps" in batch:
-                return model.forward_taps(batch["taps"], labels)
-            return model(batch["input_ids"], batch["attention_mask"], labels)
-
+        trial = assemble(cfg)
+        model, device, task = trial.model, trial.device, trial.task
+        summary |= trial.facts | model.param_counts()  # full sizes also for a partitioned or meta backbone
+        summary |= {"cache_hit": trial.readers is not None, "cache_reason": trial.cache_reason}
         params = [p for _, p in model.trainable_named_parameters()]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+        steps_per_epoch = math.ceil(len(trial.task.train) / cfg.batch_size)
         if cfg.max_train_batches is not None:
             steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
         total_steps = steps_per_epoch * cfg.epochs
@@ -439,10 +346,6 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-        def to_device(batch: dict[str, Any]) -> dict[str, Any]:
-            return {k: v.to(device) if isinstance(v, Taps) else v.to(device, non_blocking=True)
-                    for k, v in batch.items()}
 
         # ---- resume, or measure once on the first batch (memory, FLOPs) without touching the model
         start_epoch, measured = 0, {}
@@ -458,17 +361,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             start_epoch, history, totals = ckpt["epoch"], ckpt["history"], ckpt["totals"]
             measured = ckpt["measured"]
         else:
-            # The method's live step, backbone forward included, also when this trial reads the cache:
-            # memory and FLOPs are the method's cost, comparable across trials; cache_hit says how it ran.
-            first = to_device(next(tasks.batches(task.train, cfg.batch_size, pad_token_id=task.pad_token_id,
-                                                 shuffle=True, seed=epoch_seed(cfg.seed, 0))))
-            model.train()
-            if side:
-                model.backbone.eval()  # as in training: a frozen backbone has no dropout
-            with untouched(model), autocast:
-                measured["flops_per_step"] = int(flops_per_step(model, first))
-                if cfg.measure_memory:
-                    measured |= measure_step(model, first, lr=cfg.learning_rate).as_dict()
+            measured = trial.measure(epoch_seed(cfg.seed, 0), cfg.learning_rate, cfg.measure_memory, untouched)
         summary |= {k: measured.get(k) for k in ("flops_per_step", *MEMORY_KEYS)}
         energy = EnergyMeter(device)
         summary["energy_source"] = energy.source
@@ -484,16 +377,15 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         live = progress and sys.stderr.isatty()
         line_start = "\r" if live else ""  # overwrite the step counter
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            if side:
-                model.backbone.eval()  # no dropout in a frozen backbone that is only read
+            model.train()  # a side model keeps its frozen backbone in eval mode (SideModel.train)
             epoch_start = time.perf_counter()
             loss_sum, n_steps, shown = 0.0, 0, 0.0
             with energy.phase("train"):
-                for step, batch in enumerate(itertools.islice(train_batches(epoch), steps_per_epoch)):
-                    batch = to_device(batch)
-                    with autocast:
-                        loss = forward(batch).loss
+                for step, batch in enumerate(itertools.islice(trial.train_batches(epoch_seed(cfg.seed, epoch)),
+                                                                  steps_per_epoch)):
+                    batch = trial.to_device(batch)
+                    with trial.autocast:
+                        loss = trial.forward(batch).loss
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise Diverged(f"non-finite training loss ({loss_value}) "
@@ -523,12 +415,12 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             # ---- evaluate on the validation split
             model.eval()
             preds, labels = [], []
-            with energy.phase("eval"), torch.no_grad(), autocast:
-                for batch in eval_batches():
-                    batch = to_device(batch)
-                    preds.append(forward(batch, with_labels=False).logits.float().cpu())
+            with energy.phase("eval"), torch.no_grad(), trial.autocast:
+                for batch in trial.eval_batches():
+                    batch = trial.to_device(batch)
+                    preds.append(trial.forward(batch, with_labels=False).logits.float().cpu())
                     labels.append(batch["labels"].cpu())
-            value = tasks.metric(task.metric_name, torch.cat(preds), torch.cat(labels))
+            value = tasks.metric(trial.task.metric_name, torch.cat(preds), torch.cat(labels))
             if not math.isfinite(value):
                 raise Diverged(f"non-finite validation {task.metric_name} at epoch {epoch + 1}")
 
@@ -572,8 +464,8 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         report(dict(summary), None)
         return summary
     finally:
-        if partitioned is not None:
-            partitioned.close()  # release the ZeRO engine's hooks and partitions
+        if trial is not None:
+            trial.close()
     summary = no_nan(summary)
     write_json_atomic(out_dir / "summary.json", summary)
     return summary

@@ -49,6 +49,7 @@ class MemoryReport:
     optimizer: int
     activations: int
     source: str
+    flops: int | None = None  # FLOPs of forward + backward (FlopCounterMode), when counted in the same step
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -305,7 +306,7 @@ def _materialise_once(model: nn.Module) -> None:
 
 def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None = None, *, batch_size: int,
                   seq_len: int, dtype: torch.dtype, n_labels: int = 2, foreach: bool = True,
-                  master_fp32: bool = True) -> MemoryReport:
+                  master_fp32: bool = True, count_flops: bool = False) -> MemoryReport:
     """Peak memory of one training step, accounted on fake tensors: no weights, no real memory.
 
     Mirrors trainables.loop: backbone in `dtype`, trainables in fp32 (`master_fp32`), the
@@ -317,6 +318,7 @@ def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None 
     Boolean-mask selections are taken as selecting everything (see `_AllTrueMasks`).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     from trainables.backbones import get_spec
 
@@ -331,6 +333,9 @@ def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None 
                                 pad_token_id=spec.config.get("pad_token_id") or 0)
         optimizer = _make_optimizer(_trainable(model), 1e-4, foreach)
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else None
-        split = _tracked_step(model, optimizer, batch, autocast)
-    return MemoryReport(source="estimated", **split)
+        # the same step's FLOPs, counted in the same pass (the optimizer's elementwise ops have no formula)
+        with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as counter:
+            split = _tracked_step(model, optimizer, batch, autocast)
+    flops = int(counter.get_total_flops()) if count_flops else None
+    return MemoryReport(source="estimated", flops=flops, **split)
 

@@ -58,12 +58,22 @@ def weight_bytes(spec: BackboneSpec, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
 
 
+def fits(spec: BackboneSpec, dtype: torch.dtype, device_bytes: int) -> bool:
+    """The frozen weights leave room on a device of `device_bytes` (the plan asks this of a GPU budget)."""
+    return weight_bytes(spec, dtype) <= FIT_FRACTION * device_bytes
+
+
 def needed(spec: BackboneSpec, dtype: torch.dtype, device: torch.device) -> bool:
     """`auto`: a GPU whose memory the frozen weights would mostly fill. On CPU offloading gains nothing."""
     if device.type != "cuda":
         return False
-    total = torch.cuda.get_device_properties(device).total_memory
-    return weight_bytes(spec, dtype) > FIT_FRACTION * total
+    return not fits(spec, dtype, torch.cuda.get_device_properties(device).total_memory)
+
+
+def decide(mode: ZeroMode, side: bool, spec: BackboneSpec, dtype: torch.dtype, device: torch.device) -> bool:
+    """The one ZeRO decision, made where the work runs (the trial's or the cache builder's device):
+    a side method's frozen backbone goes ZeRO-3 when asked, or (`auto`) when it does not fit this device."""
+    return side and (mode == "on" or (mode == "auto" and needed(spec, dtype, device)))
 
 
 def free_port() -> int:
@@ -110,21 +120,19 @@ def build_partitioned(spec: BackboneSpec, *, weights: str, dtype: torch.dtype, d
     so they differ from a plain `build` with the same seed.
     """
     import deepspeed
-    from transformers import BertModel, LlamaModel
     from transformers.integrations import HfDeepSpeedConfig
+
+    from trainables.backbones import Source, load_pretrained, source
 
     single_process_env()
     if not shm_op:
         skip_shm_op()
-    cls = LlamaModel if spec.family == "llama" else BertModel
-    kwargs = {"add_pooling_layer": False} if spec.family == "bert" else {}
     hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built: HF checks a weakref
-    if folder is not None:
-        model = cls.from_pretrained(folder, config=spec.hf_config(), dtype=dtype, **kwargs)
-    elif weights == "pretrained":
-        model = build(spec, "cpu", weights="pretrained", dtype=dtype)
+    if folder is not None or weights == "pretrained":
+        src = Source(Path(folder), "folder") if folder is not None else source(spec)
+        model = load_pretrained(spec, dtype, "cpu", src)
     else:
-        model = cls._from_config(spec.hf_config(), dtype=dtype, **kwargs)
+        model = spec.anatomy.model_class._from_config(spec.hf_config(), dtype=dtype, **spec.anatomy.kwargs)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     del hf_ds

@@ -122,7 +122,7 @@ def test_gpu_trials_land_on_gpu_nodes(tmp_path):
     ("scaling", ["--batch-size", "0"], "--batch-size must be 1 or more"),
     ("scaling", ["--gpu-memory-gib", "-1"], "--gpu-memory-gib must be > 0"),
     ("convergence", ["--max-eval-examples", "0"], "--max-eval-examples"),
-    ("convergence", ["--backbone", "llama-7b"], "no offline tokenizer"),
+    ("convergence", ["--backbone", "llama-7b"], "no tokenizer for llama-7b"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(module, args, needle, tmp_path, capsys):
     """In-process (the checks run before Ray starts); one case below runs as a real process."""

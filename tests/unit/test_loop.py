@@ -20,7 +20,7 @@ import pytest
 import torch
 from method_table import ROWS  # tests/unit/method_table.py: the one table
 
-from trainables import loop
+from trainables import loop, trial
 from trainables.loop import EPOCH_KEYS, SUMMARY_KEYS, RunConfig, classify_failure, epochs_to_target, train
 from trainables.methods import REGISTRY
 
@@ -151,7 +151,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
 
 def patch_forward(monkeypatch: pytest.MonkeyPatch, fail: Any, armed: dict[str, bool]) -> None:
     """Wrap every task model's forward: once `armed["on"]`, training forwards return `fail(output)`."""
-    real_apply = loop.apply_method
+    real_apply = trial.apply_method
 
     def apply(*args: Any, **kwargs: Any) -> Any:
         model = real_apply(*args, **kwargs)
@@ -164,7 +164,7 @@ def patch_forward(monkeypatch: pytest.MonkeyPatch, fail: Any, armed: dict[str, b
         model.forward = forward
         return model
 
-    monkeypatch.setattr(loop, "apply_method", apply)
+    monkeypatch.setattr(trial, "apply_method", apply)
 
 
 def nan_loss(out: Any) -> Any:

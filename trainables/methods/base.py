@@ -151,20 +151,18 @@ def checkpoint_pooling(folder: str | Path | None, fallback: Pooling) -> Pooling:
 
 def default_pooling(spec: BackboneSpec) -> Pooling:
     """The checkpoint's own pooling for a backbone with offline weights here, else the family's."""
-    folder = None
-    if spec.local is not None:
-        from trainables.assets import AssetError, asset_path  # local import: meta counting needs no assets
+    from trainables.backbones import TOKENIZER_PATTERNS, source, tokenizer_here
 
-        try:
-            folder = str(asset_path(spec.local))
-        except AssetError:
-            folder = None
+    folder = spec.folder
+    if folder is None and spec.hf_id is not None and tokenizer_here(spec):  # on this machine: no download
+        folder = str(source(spec, TOKENIZER_PATTERNS).folder)
     return checkpoint_pooling(folder, spec.anatomy.pooling)
 
 
 def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = None, *, n_labels: int = 2,
-                 pooling: Pooling | None = None) -> TaskModel:
-    """Freeze the backbone, then let the method add what trains; new modules land on the backbone's device.
+                 pooling: Pooling | None = None, device: torch.device | str | None = None) -> TaskModel:
+    """Freeze the backbone, then let the method add what trains; new modules land on `device`, default the
+    backbone's (a cached trial's backbone stays mostly on the meta device while what trains is real).
 
     `pooling` None: the checkpoint's own (`default_pooling`)."""
     info = get_method(name)
@@ -172,7 +170,7 @@ def apply_method(name: str, backbone: nn.Module, spec: BackboneSpec, cfg: Any = 
     backbone.requires_grad_(False)
     first = next(backbone.parameters())
     own_buffers = [(m, k, b) for m in backbone.modules() for k, b in m._buffers.items() if b is not None]
-    with torch.device(first.device):
+    with torch.device(first.device if device is None else device):
         model = info.apply(backbone, spec, cfg, n_labels=n_labels, pooling=pooling or default_pooling(spec))
     model = model.to(first.dtype)  # the head and side networks in the backbone's dtype ...
     for module, key, buffer in own_buffers:  # ... but the backbone's buffers as loaded (RoPE's fp32 inv_freq)

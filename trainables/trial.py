@@ -1,0 +1,258 @@
+"""Assembling one trial, so the loop only loops: backbone source -> model -> where batches come from.
+
+`assemble(cfg)` resolves the backbone (registry name, hub id or folder; weights downloaded
+once per node), decides ZeRO-3 on the device the trial runs on (`zero.decide`), applies the
+method, and picks the data source: the activation cache for side methods, else the live
+backbone. `Trial` then hands the loop batches, a forward, and the step's memory/FLOPs.
+
+A side trial that finds its cache complete does not materialise the backbone: it is built
+on the meta device and only what the method reads is loaded from the checkpoint — the
+final norm, the blocks the method runs itself (SHERL's last block), whatever `apply`
+copies (LST's pruned init reads every block). Its memory/FLOPs columns then come from the
+fake-tensor estimate of the same step (same method config and batch shape, computed once
+per process), and `memory_source` says "estimated". Random weights are always built whole
+(their values are only reproducible as a whole draw), directly in the target dtype and device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+
+from trainables import backbones, cache, tasks, zero
+from trainables.backbones import BackboneSpec, Source, build, get_spec, load_tokenizer
+from trainables.energy import flops_per_step
+from trainables.methods import apply_method, get_method
+from trainables.methods.base import Output, Taps, TaskModel
+
+MEASURE_KEYS = ("flops_per_step", "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes",
+                "memory_optimizer_bytes", "memory_activations_bytes", "memory_source")
+
+
+def resolve(cfg: Any) -> tuple[torch.device, torch.dtype, str]:
+    """The trial's device, compute dtype and weights (auto: pretrained when the checkpoint is on this machine)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    spec = get_spec(cfg.backbone)
+    weights = ("pretrained" if backbones.weights_here(spec) else "random") if cfg.weights == "auto" else cfg.weights
+    return device, dtype, weights
+
+
+def eval_subset(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
+    """At most n examples, the same fixed random ones for every trial (splits keep file order,
+    which may be sorted by label, so the first n could all be one class)."""
+    if n is None or len(split) <= n:
+        return split
+    keep = np.random.default_rng(0).permutation(len(split))[:n]
+    return split.select(sorted(keep.tolist()))
+
+
+def load_data(cfg: Any, spec: BackboneSpec) -> tuple[tasks.TaskData, datasets.Dataset]:
+    """The tokenised task (training subsample drawn by seed) and the validation examples evaluated."""
+    tokenizer = None if cfg.task == "synthetic" else load_tokenizer(spec)
+    task = tasks.load_task(cfg.task, tokenizer, max_length=cfg.max_length, train_size=cfg.train_size,
+                           seed=cfg.seed, text_col=cfg.text_col, label_col=cfg.label_col,
+                           vocab_size=spec.config["vocab_size"])
+    return task, eval_subset(task.validation, cfg.max_eval_examples)
+
+
+def frozen_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, weights: str,
+                    src: Source | None = None) -> tuple[nn.Module, zero.ZeroBackbone | None]:
+    """The whole backbone, partitioned under ZeRO-3 when `zero.decide` says so on this device."""
+    if zero.decide(cfg.zero, get_method(cfg.method).family != "graft", spec, dtype, device):
+        partitioned = zero.build_partitioned(spec, weights=weights, dtype=dtype,
+                                             ds_config=zero.config(cfg.zero_offload, dtype, cfg.zero_nvme_path))
+        return partitioned.module, partitioned
+    if weights == "pretrained":
+        return backbones.load_pretrained(spec, dtype, device, src), None
+    return build(spec, device=device, weights="random", dtype=dtype), None
+
+
+def _param_names(backbone: nn.Module, params: list[nn.Parameter]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in backbone.named_parameters() if id(p) in ids}
+
+
+def read_parts(model: TaskModel, spec: BackboneSpec) -> list[nn.Parameter]:
+    """Backbone parameters a side model reads when fed cached taps: the final norm and every block at or
+    above its deepest tap (those it runs itself, e.g. SHERL's late route through the last block)."""
+    deepest = max(model.tap_layers())
+    norm = spec.anatomy.get(model.backbone, "final_norm")
+    blocks = list(spec.anatomy.get(model.backbone, "blocks"))[deepest:]
+    return [p for m in ([norm] if norm is not None else []) + blocks for p in m.parameters()]
+
+
+_ESTIMATED: dict[str, dict[str, Any]] = {}  # per process: a reused Ray actor estimates a (config, shape) once
+
+
+def estimated_step(spec: BackboneSpec, cfg: Any, n_labels: int, batch_shape: tuple[int, int],
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """Memory and FLOPs of the method's live step for this config and batch shape, on fake tensors."""
+    from trainables.memory import estimate_step
+
+    key = json.dumps([spec.name, spec.config, cfg.method, cfg.method_config, n_labels, batch_shape, str(dtype)],
+                     sort_keys=True, default=str)
+    if key not in _ESTIMATED:
+        b, t = batch_shape
+        report = estimate_step(spec, cfg.method, cfg.method_config, batch_size=b, seq_len=t, dtype=dtype,
+                               n_labels=n_labels, count_flops=True)
+        out: dict[str, Any] = {**report.as_dict(), "flops_per_step": report.flops}
+        _ESTIMATED[key] = out
+    return dict(_ESTIMATED[key])
+
+
+@dataclass
+class Trial:
+    """One assembled trial: what the loop trains, and where its batches come from."""
+
+    cfg: Any
+    spec: BackboneSpec
+    device: torch.device
+    dtype: torch.dtype
+    weights: str
+    task: tasks.TaskData
+    validation: datasets.Dataset
+    model: TaskModel
+    side: bool
+    revision: str | None
+    partitioned: zero.ZeroBackbone | None = None
+    readers: dict[str, cache.TapReader] | None = None
+    cache_reason: str = ""
+    backbone_bytes_loaded: int | None = None  # None: the whole backbone is materialised
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def train_batches(self, epoch_seed: int) -> Iterator[dict[str, Any]]:
+        if self.readers:
+            return self.readers["train"].batches(self.cfg.batch_size, shuffle=True, seed=epoch_seed)
+        return tasks.batches(self.task.train, self.cfg.batch_size, pad_token_id=self.task.pad_token_id,
+                             shuffle=True, seed=epoch_seed)
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        if self.readers:
+            return self.readers["validation"].batches(self.cfg.eval_batch_size)
+        return tasks.batches(self.validation, self.cfg.eval_batch_size, pad_token_id=self.task.pad_token_id)
+
+    def forward(self, batch: dict[str, Any], with_labels: bool = True) -> Output:
+        labels = batch["labels"] if with_labels else None
+        if "taps" in batch:
+            return self.model.forward_taps(batch["taps"], labels)
+        return self.model(batch["input_ids"], batch["attention_mask"], labels)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, Taps) else v.to(self.device, non_blocking=True)
+                for k, v in batch.items()}
+
+    def measure(self, first_seed: int, lr: float, measure_memory: bool,
+                untouched: Callable[[TaskModel], contextlib.AbstractContextManager]) -> dict[str, Any]:
+        """Memory and FLOPs of the method's live step (backbone forward included, also for a cached trial:
+        the method's cost, comparable across trials), measured here or, without a whole backbone, estimated."""
+        first = next(tasks.batches(self.task.train, self.cfg.batch_size, pad_token_id=self.task.pad_token_id,
+                                   shuffle=True, seed=first_seed))
+        if self.backbone_bytes_loaded is not None:
+            out = estimated_step(self.spec, self.cfg, self.task.n_labels, tuple(first["input_ids"].shape), self.dtype)
+            return out if measure_memory else {"flops_per_step": out["flops_per_step"]}
+        from trainables.memory import measure_step
+
+        first = self.to_device(first)
+        self.model.train()
+        measured: dict[str, Any] = {}
+        with untouched(self.model), self.autocast:
+            measured["flops_per_step"] = int(flops_per_step(self.model, first))
+            if measure_memory:
+                measured |= measure_step(self.model, first, lr=lr).as_dict()
+        return measured
+
+    def close(self) -> None:
+        if self.partitioned is not None:
+            self.partitioned.close()  # release the ZeRO engine's hooks and partitions
+
+
+def _apply(cfg: Any, backbone: nn.Module, spec: BackboneSpec, n_labels: int,
+           device: torch.device | None = None) -> TaskModel:
+    """The method on the backbone, its own weights drawn from the trial's seed whatever the backbone's path."""
+    torch.manual_seed(cfg.seed)
+    with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
+        return apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=n_labels,
+                            pooling=cfg.pooling, device=device)
+
+
+def _cached_without_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, src: Source,
+                             task: tasks.TaskData, validation: datasets.Dataset) -> tuple[TaskModel, dict, int] | None:
+    """A side model on a meta backbone with only what it reads loaded, if every split is cached; else None."""
+    backbone = build(spec, "meta", dtype=dtype)
+    loaded = backbones.materialise(backbone, spec, _param_names(backbone, zero.apply_reads(backbone, spec, cfg.method)),
+                                   src, device, dtype)
+    model = _apply(cfg, backbone, spec, task.n_labels, device)
+    readers = cache.find(model, spec, cfg, {"train": task.train, "validation": validation}, weights="pretrained",
+                         revision=src.revision)
+    if readers is None:
+        return None
+    loaded += backbones.materialise(backbone, spec, _param_names(backbone, read_parts(model, spec)), src, device, dtype)
+    return model, readers, loaded
+
+
+def assemble(cfg: Any) -> Trial:
+    """Backbone source -> model -> data source. Raises on bad input or failure (the loop records the outcome)."""
+    spec = get_spec(cfg.backbone)
+    device, dtype, weights = resolve(cfg)
+    info = get_method(cfg.method)
+    side = info.family != "graft"  # frozen backbone read, never trained
+    src = backbones.source(spec) if weights == "pretrained" else None  # downloads once per node
+    task, validation = load_data(cfg, spec)
+    facts = {"device": device_name(device), "backbone_family": spec.family,
+             "backbone_revision": src.revision if src else None,
+             "train_size": len(task.train), "metric_name": task.metric_name}
+    splits = {"train": task.train, "validation": validation}
+    use_cache = cfg.cache and info.cacheable
+    if use_cache and src is not None and not zero.decide(cfg.zero, side, spec, dtype, device):
+        found = _cached_without_backbone(cfg, spec, device, dtype, src, task, validation)
+        if found is not None:
+            model, readers, loaded = found
+            _master_fp32(model)
+            facts |= {"pooling": model.pooling, "cache_builds": cache.build_costs(readers.values())}
+            return Trial(cfg, spec, device, dtype, weights, task, validation, model, side,
+                         facts["backbone_revision"], readers=readers, cache_reason="hit (backbone not materialised)",
+                         backbone_bytes_loaded=loaded, facts=facts)
+    backbone, partitioned = frozen_backbone(cfg, spec, device, dtype, weights, src)
+    model = _apply(cfg, backbone, spec, task.n_labels)
+    if info.init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
+        info.init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
+            task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
+    _master_fp32(model)
+    readers, reason = None, (f"not cacheable: {cfg.method} trains inside the backbone" if not info.cacheable
+                             else "off: cache=false")
+    if use_cache:
+        readers, reason = cache.for_trial(model, spec, cfg, splits, weights=weights, pad_token_id=task.pad_token_id,
+                                          revision=src.revision if src else None)
+    facts["pooling"] = model.pooling
+    if readers:  # what building the caches it read cost (study.collect splits it over their readers)
+        facts["cache_builds"] = cache.build_costs(readers.values())
+    return Trial(cfg, spec, device, dtype, weights, task, validation, model, side, facts["backbone_revision"],
+                 partitioned=partitioned, readers=readers, cache_reason=reason, facts=facts)
+
+
+def _master_fp32(model: TaskModel) -> None:
+    for _, p in model.trainable_named_parameters():
+        p.data = p.data.float()  # fp32 master weights, whatever the backbone's dtype
+
+
+def device_name(device: torch.device) -> str:
+    import platform
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.machine()}"
