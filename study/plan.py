@@ -214,11 +214,11 @@ def plan_pairs(methods: Sequence[str], backbone_names: Sequence[str], *, batch_s
             side = get_method(method).family != "graft"
             peak = mem["peak_memory_bytes"] if mem else None
             reason, zero_on = "", False
-            if not has_tokenizer:
+            if not gpu and compute > budget.cpu_max_block_params:
+                reason = f"too slow on cpu: {compute / 1e6:.0f}M block params > {budget.cpu_max_block_params / 1e6:.0f}M"
+            elif not has_tokenizer:
                 reason = ("no tokenizer on this machine (hub id: runs on a cluster)" if spec.tokenizer
                           else "no tokenizer (a config for counting only)")
-            elif not gpu and compute > budget.cpu_max_block_params:
-                reason = f"too slow on cpu: {compute / 1e6:.0f}M block params > {budget.cpu_max_block_params / 1e6:.0f}M"
             elif (peak if peak is not None else weights) > budget.memory_bytes:
                 offloaded = zero_peak(mem, spec, getattr(torch, dtype)) if mem else None
                 if gpu and side and offloaded is not None and offloaded <= budget.memory_bytes:

@@ -56,9 +56,11 @@ from transformers.masking_utils import (
     create_causal_mask,
     create_sliding_window_causal_mask,
 )
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+from transformers.models.roberta.modeling_roberta import RobertaLayer
 
 Family = Literal["llama", "bert"]
 Device = Literal["meta", "cpu", "cuda"]
@@ -87,6 +89,7 @@ class Anatomy:
     attn_proj: tuple[str, ...]  # q, k, v, o module names inside a block
     mlp_proj: tuple[str, ...]
     pooling: Literal["first", "last", "mean"]  # default pooling for classification
+    block_class: type[nn.Module] | None = None  # one block, for side networks built of the family's own blocks
     rotary: type[nn.Module] | None = None  # decoders: the model's own rotary embedding
     build_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -99,25 +102,25 @@ class Anatomy:
         return dict(self.build_kwargs)
 
 
-def _decoder(cls: type[nn.Module], rotary: type[nn.Module]) -> Anatomy:
+def _decoder(cls: type[nn.Module], block: type[nn.Module], rotary: type[nn.Module]) -> Anatomy:
     return Anatomy("llama", cls, blocks="layers", embeddings="embed_tokens", final_norm="norm",
                    attn_proj=("q_proj", "k_proj", "v_proj", "o_proj"), mlp_proj=("gate_proj", "up_proj", "down_proj"),
-                   pooling="last", rotary=rotary)
+                   pooling="last", block_class=block, rotary=rotary)
 
 
-def _encoder(cls: type[nn.Module]) -> Anatomy:
+def _encoder(cls: type[nn.Module], block: type[nn.Module]) -> Anatomy:
     return Anatomy("bert", cls, blocks="encoder.layer", embeddings="embeddings", final_norm=None,
                    attn_proj=("query", "key", "value", "dense"), mlp_proj=("intermediate.dense", "output.dense"),
-                   pooling="first", build_kwargs=(("add_pooling_layer", False),))
+                   pooling="first", block_class=block, build_kwargs=(("add_pooling_layer", False),))
 
 
 # model_type -> anatomy. Qwen2 has biases on q/k/v: same module names, so the same entry shape.
 ANATOMIES: dict[str, Anatomy] = {
-    "llama": _decoder(LlamaModel, LlamaRotaryEmbedding),
-    "mistral": _decoder(MistralModel, MistralRotaryEmbedding),
-    "qwen2": _decoder(Qwen2Model, Qwen2RotaryEmbedding),
-    "bert": _encoder(BertModel),
-    "roberta": _encoder(RobertaModel),
+    "llama": _decoder(LlamaModel, LlamaDecoderLayer, LlamaRotaryEmbedding),
+    "mistral": _decoder(MistralModel, MistralDecoderLayer, MistralRotaryEmbedding),
+    "qwen2": _decoder(Qwen2Model, Qwen2DecoderLayer, Qwen2RotaryEmbedding),
+    "bert": _encoder(BertModel, BertLayer),
+    "roberta": _encoder(RobertaModel, RobertaLayer),
 }
 
 

@@ -306,6 +306,34 @@ def no_nan(summary: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the loop
 
+def schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_train: int) -> tuple[Any, int]:
+    """Linear warmup to the peak lr, then linear decay to zero at the last step; and the steps per epoch."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    if cfg.max_train_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), steps_per_epoch
+
+
+def evaluate(trial: Trial) -> float:
+    """The task metric on the validation examples (cached taps or live), model in eval mode."""
+    trial.model.eval()
+    preds, labels = [], []
+    with torch.no_grad(), trial.autocast:
+        for batch in trial.eval_batches():
+            batch = trial.to_device(batch)
+            preds.append(trial.forward(batch, with_labels=False).logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+    return tasks.metric(trial.task.metric_name, torch.cat(preds), torch.cat(labels))
+
+
 def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
           resume_from: Path | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Run one trial; returns the summary (SUMMARY_KEYS). Never raises for OOM, divergence or errors.
@@ -333,19 +361,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         summary |= {"cache_hit": trial.readers is not None, "cache_reason": trial.cache_reason}
         params = [p for _, p in model.trainable_named_parameters()]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(trial.task.train) / cfg.batch_size)
-        if cfg.max_train_batches is not None:
-            steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
-        total_steps = steps_per_epoch * cfg.epochs
-        warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-
-        def lr_factor(step: int) -> float:
-            """Linear warmup to the peak lr, then linear decay to zero at the last step."""
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler, steps_per_epoch = schedule(optimizer, cfg, len(task.train))
 
         # ---- resume, or measure once on the first batch (memory, FLOPs) without touching the model
         start_epoch, measured = 0, {}
@@ -413,14 +429,8 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             train_seconds = time.perf_counter() - epoch_start
 
             # ---- evaluate on the validation split
-            model.eval()
-            preds, labels = [], []
-            with energy.phase("eval"), torch.no_grad(), trial.autocast:
-                for batch in trial.eval_batches():
-                    batch = trial.to_device(batch)
-                    preds.append(trial.forward(batch, with_labels=False).logits.float().cpu())
-                    labels.append(batch["labels"].cpu())
-            value = tasks.metric(trial.task.metric_name, torch.cat(preds), torch.cat(labels))
+            with energy.phase("eval"):
+                value = evaluate(trial)
             if not math.isfinite(value):
                 raise Diverged(f"non-finite validation {task.metric_name} at epoch {epoch + 1}")
 

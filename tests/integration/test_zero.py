@@ -149,10 +149,10 @@ def test_two_rank_gloo_cache_build_equals_the_plain_cache(tmp_path):
         ray.shutdown()
     assert len(statuses) == 4 and all(s.startswith("built") for s in statuses.values()), statuses
     read_cfg = RunConfig(**(read.run | {"epochs": 1, "measure_memory": False, "cache_dir": str(tmp_path / "zero")}))
-    assert train(read_cfg, tmp_path / "read")["cache_reason"] == "hit"
+    assert train(read_cfg, tmp_path / "read")["cache_reason"] == "hit (backbone not materialised)"
     cfg = RunConfig(**(run | {"zero": "off", "epochs": 1, "measure_memory": False, "cache_dir": str(tmp_path / "zero")}))
     hit = train(cfg, tmp_path / "trial")
-    assert hit["status"] == "ok" and hit["cache_reason"] == "hit", hit["cache_reason"]
+    assert hit["status"] == "ok" and hit["cache_reason"] == "hit (backbone not materialised)", hit["cache_reason"]
     plain = train(dataclasses.replace(cfg, cache_dir=str(tmp_path / "plain")), tmp_path / "trial-plain")
     assert "built" in plain["cache_reason"]
     for need in needs:

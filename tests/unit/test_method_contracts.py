@@ -10,12 +10,13 @@ import copy
 import pytest
 import torch
 from method_table import ROWS  # tests/unit/method_table.py: the one table
+from tiny_families import FOLDERS  # tests/tiny_families.py: mistral, qwen2, roberta config folders
 
 from trainables import backbones
 from trainables.methods import REGISTRY, apply_method, collect_taps, get_method
 from trainables.methods.base import SideModel, Taps, pool, pooled_positions
 
-TINY = ["llama-tiny", "bert-tiny"]
+TINY = ["llama-tiny", "bert-tiny", *FOLDERS]  # every supported model_type
 CASES = [(m, b) for m in ROWS for b in TINY]
 
 

@@ -41,8 +41,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers.models.bert.modeling_bert import BertLayer
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from trainables.backbones import BackboneSpec, BlockRunner
 from trainables.methods.base import MethodInfo, Output, Pooling, SideModel, Taps, register
@@ -118,7 +117,7 @@ class LstModel(SideModel):
             raise ValueError(f"lst: drop_layers drops all {n} blocks; keep at least one")
         self.side_config = side_config(backbone.config, spec.family, cfg)
         d, width = spec.d_model, self.side_config.hidden_size
-        block_cls = LlamaDecoderLayer if spec.family == "llama" else BertLayer
+        block_cls = spec.anatomy.block_class  # the family's own block (Qwen2's has q/k/v biases)
         self.blocks = nn.ModuleDict({str(j): block_cls(self.side_config, layer_idx=j) for j in self.kept})
         self.downs = nn.ModuleDict({str(t): nn.Linear(d, width) for t in [0, *(j + 1 for j in self.kept)]})
         self.alpha = nn.Parameter(torch.zeros(len(self.kept)))
