@@ -106,8 +106,10 @@ def _backbone(need: Need) -> tuple[torch.nn.Module, Any]:
     spec = get_spec(cfg.backbone)
     loop.seed_everything(cfg.seed)
     device, dtype, weights = loop.resolve(cfg)
-    return loop.frozen_backbone(dataclasses.replace(cfg, zero="on" if need.zero else "off"), spec, device, dtype,
-                                weights)
+    # ZeRO as planned for several ranks; otherwise decided here, on the builder's own device (zero.decide),
+    # for pretrained weights (random ones drawn partitioned would differ from the draw the cache key names)
+    mode = "on" if need.zero else (cfg.zero if weights == "pretrained" else "off")
+    return loop.frozen_backbone(dataclasses.replace(cfg, zero=mode), spec, device, dtype, weights)
 
 
 def _write(need: Need, staging: str, shards: list[tuple[int, range]], per_rank: list[int] | None,

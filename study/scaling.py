@@ -72,8 +72,11 @@ def ladder(max_model: str, gpu: bool = False) -> list[str]:
     return [n for size, n in sorted(sized) if size <= top]
 
 
-def print_plan(pairs: list[plan.PairPlan], budget: plan.Budget, as_json: bool) -> None:
+def print_plan(pairs: list[plan.PairPlan], budget: plan.Budget, as_json: bool, run_backbones: list[str]) -> None:
     """The --dry-run output: every pair, where it runs with which weights and dtype, its peak, or why not."""
+    pairs = [p if not p.runnable or p.backbone in run_backbones else
+             dataclasses.replace(p, runnable=False, reason="fits, but not among the backbones run here "
+                                                           "(add it to --backbones)") for p in pairs]
     if as_json:
         print(json.dumps({"budget": dataclasses.asdict(budget), "pairs": [p.as_dict() for p in pairs]}, indent=1))
         return
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                             budget=budget, estimate=not args.no_memory_estimates,
                             cache_file=runner.plan_cache(args.storage), progress=runner.log)
     if args.dry_run:
-        print_plan(pairs, budget, args.json)
+        print_plan(pairs, budget, args.json, run_backbones)
         return
     to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
     runner.log(f"plan: {len(to_run)} of {len(pairs)} pairs run here, every pair is recorded with its estimate "
