@@ -8,18 +8,22 @@ backbone. `Trial` then hands the loop batches, a forward, and the step's memory/
 A side trial that finds its cache complete does not materialise the backbone: it is built
 on the meta device and only what the method reads is loaded from the checkpoint — the
 final norm, the blocks the method runs itself (SHERL's last block), whatever `apply`
-copies (LST's pruned init reads every block). Its memory/FLOPs columns then come from the
-fake-tensor estimate of the same step (same method config and batch shape, computed once
-per process), and `memory_source` says "estimated". Random weights are always built whole
+copies (LST's pruned init reads every block). Its memory/FLOPs columns are the method's
+live step, measured once per (pair, method config, batch shape, dtype, device) by the trial
+that built the cache and kept beside it (`steps/`), or else the fake-tensor estimate of the
+same step; `memory_source` says which ("tracked"/"cuda" or "estimated"). Random weights are always built whole
 (their values are only reproducible as a whole draw), directly in the target dtype and device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -162,19 +166,36 @@ class Trial:
         the method's cost, comparable across trials), measured here or, without a whole backbone, estimated."""
         first = next(tasks.batches(self.task.train, self.cfg.batch_size, pad_token_id=self.task.pad_token_id,
                                    shuffle=True, seed=first_seed))
+        shape = tuple(first["input_ids"].shape)
+        memo = self._memo(shape) if measure_memory and self.readers is not None else None
+        if memo is not None and memo.is_file():  # measured (or estimated) once for this config and shape
+            return json.loads(memo.read_text())
         if self.backbone_bytes_loaded is not None:
-            out = estimated_step(self.spec, self.cfg, self.task.n_labels, tuple(first["input_ids"].shape), self.dtype)
-            return out if measure_memory else {"flops_per_step": out["flops_per_step"]}
-        from trainables.memory import measure_step
+            measured = estimated_step(self.spec, self.cfg, self.task.n_labels, shape, self.dtype)
+        else:
+            from trainables.memory import measure_step
 
-        first = self.to_device(first)
-        self.model.train()
-        measured: dict[str, Any] = {}
-        with untouched(self.model), self.autocast:
-            measured["flops_per_step"] = int(flops_per_step(self.model, first))
-            if measure_memory:
-                measured |= measure_step(self.model, first, lr=lr).as_dict()
-        return measured
+            first = self.to_device(first)
+            self.model.train()
+            measured = {}
+            with untouched(self.model), self.autocast:
+                measured["flops_per_step"] = int(flops_per_step(self.model, first))
+                if measure_memory:
+                    measured |= measure_step(self.model, first, lr=lr).as_dict()
+        if memo is not None:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(measured))
+            os.replace(tmp, memo)
+        return measured if measure_memory else {"flops_per_step": measured["flops_per_step"]}
+
+    def _memo(self, shape: tuple[int, ...]) -> Path:
+        """Where a cached trial's step measurement is kept beside the cache, per (pair, config, batch shape,
+        dtype, device): the trial that builds the cache measures live, later ones read it."""
+        key = json.dumps([self.spec.name, self.spec.config, self.revision, self.cfg.method, self.cfg.method_config,
+                          self.task.n_labels, shape, str(self.dtype), self.facts["device"]], sort_keys=True,
+                         default=str)
+        return cache.trial_root(self.cfg) / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
     def close(self) -> None:
         if self.partitioned is not None:
