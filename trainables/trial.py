@@ -193,7 +193,8 @@ class Trial:
         """Where a cached trial's step measurement is kept beside the cache, per (pair, config, batch shape,
         dtype, device): the trial that builds the cache measures live, later ones read it."""
         key = json.dumps([self.spec.name, self.spec.config, self.revision, self.cfg.method, self.cfg.method_config,
-                          self.task.n_labels, shape, str(self.dtype), self.facts["device"]], sort_keys=True,
+                          self.model.pooling, self.task.n_labels, shape, str(self.dtype), self.facts["device"]],
+                         sort_keys=True,
                          default=str)
         return cache.trial_root(self.cfg) / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
