@@ -318,4 +318,4 @@ def test_the_default_budget_measures_methods():
     assert s.epochs * s.train_size // 16 >= 150  # optimisation steps at the default batch size
     assert 100 / s.max_eval_examples <= 0.2
     assert "probe" in scaling.DEFAULT_METHODS and "probe" in scaling.QUICK_METHODS
-    assert all(backbones.get_spec(b).local or b.startswith("llama-") for b in scaling.DEFAULT_RUN_BACKBONES)
+    assert all(backbones.weights_here(backbones.get_spec(b)) or b.startswith("llama-") for b in scaling.DEFAULT_RUN_BACKBONES)
