@@ -133,7 +133,7 @@ def test_two_rank_gloo_cache_build_equals_the_plain_cache(tmp_path):
     run = dict(backbone="minilm-l6", method="lst", task="vader-movies", train_size=25, max_eval_examples=8,
                max_length=16, eval_batch_size=8, cache_dtype="fp32", zero="on")
     group = Group(name="lst|minilm-l6", run=run, space={}, n_trials=1)
-    read = Group(name="read|minilm-l6", run=run | {"method": "read", "zero": "off"}, space={}, n_trials=1)
+    read = Group(name="read|minilm-l6", run=run | {"method": "read", "zero": "off", "pooling": "first"}, space={}, n_trials=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         needs = prepare.needs_of(group)
