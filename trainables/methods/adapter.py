@@ -12,6 +12,9 @@ exactly the attention and FFN outputs before the residual add); BERT
 `attention.output.dense` and `output.dense` (before their residual add and LayerNorm).
 The up-projection starts at zero: identity at init.
 
+T5: `SelfAttention.o` and `DenseReluDense.wo` of every encoder and decoder block (the
+decoder's cross-attention gets none).
+
 Deviations: in BERT the adapter sits before the sub-layer's dropout instead of after it
 (they differ only in training mode). The down-projection keeps nn.Linear's default init
 (the paper draws near-zero weights for both projections; with a zero up-projection the
@@ -32,6 +35,7 @@ from trainables.methods.base import GraftModel, MethodInfo, Pooling, register
 SITES: dict[str, tuple[str, str]] = {
     "llama": ("self_attn.o_proj", "mlp.down_proj"),
     "bert": ("attention.output.dense", "output.dense"),
+    "t5": ("SelfAttention.o", "DenseReluDense.wo"),  # a path suffix: T5's FFN is layer 1 (encoder) or 2 (decoder)
 }
 
 
@@ -66,9 +70,9 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
     if not 1 <= cfg.reduction_factor <= d:
         raise ValueError(f"adapter reduction_factor={cfg.reduction_factor}: must be in 1..{d} (d_model)")
     width = d // cfg.reduction_factor
-    for block in spec.anatomy.get(backbone, "blocks"):
+    for block in spec.anatomy.all_blocks(backbone):
         for site in SITES[spec.family]:
-            proj = block.get_submodule(site)
+            proj = next(m for name, m in block.named_modules() if name == site or name.endswith("." + site))
             proj.adapter = Bottleneck(d, width, cfg.activation, proj.weight.dtype)
             proj.register_forward_hook(_run_adapter)
     return GraftModel(backbone, spec, n_labels, pooling)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.backbones import BackboneSpec
+from trainables.text2text import LabelWords, decode, lm_logits
 
 MethodFamily = Literal["graft", "side", "side-late"]
 Pooling = Literal["first", "last", "mean"]
@@ -202,10 +203,16 @@ class Taps:
 
     hidden: dict[int, torch.Tensor]
     attention_mask: torch.Tensor
+    #: encoder–decoders: the frozen decoder's φ_i over every (example, candidate) row, (B·C)×T×d,
+    #: computed on the uncorrected encoder output; `decoder_mask` marks the candidates' real tokens
+    decoder: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    decoder_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Taps:
         return Taps({i: h.to(device=device, dtype=dtype) for i, h in self.hidden.items()},
-                    self.attention_mask.to(device))
+                    self.attention_mask.to(device),
+                    {i: h.to(device=device, dtype=dtype) for i, h in self.decoder.items()},
+                    None if self.decoder_mask is None else self.decoder_mask.to(device))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
@@ -241,19 +248,49 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor
 class TaskModel(nn.Module, abc.ABC):
     """A backbone plus what a method trains plus the classification head.
 
-    `head` is trainable for every method and counted separately (`params_head`).
+    `head` is trainable for every method and counted separately (`params_head`). Encoder–decoder
+    backbones (T5) classify text-to-text instead: the decoder scores each class's target words
+    through the backbone's own LM head (`words`, trainables.text2text) and there is no new head,
+    unless `linear_head` asks for one (the probe).
     """
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, n_labels: int, pooling: Pooling):
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, n_labels: int, pooling: Pooling,
+                 linear_head: bool | None = None):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
         self.pooling = pooling
         self.n_labels = n_labels
-        self.head = nn.Linear(spec.d_model, n_labels)
+        self.text2text = spec.anatomy.encoder_decoder
+        self.words = LabelWords.placeholder(n_labels, backbone.config) if self.text2text else None
+        wants_head = not self.text2text if linear_head is None else linear_head
+        self.head = nn.Linear(spec.d_model, n_labels) if wants_head else None
+
+    @property
+    def side_dtype(self) -> torch.dtype:
+        """The dtype what trains computes in (fp32 master weights, whatever the backbone's)."""
+        if self.head is not None:
+            return self.head.weight.dtype
+        return next((p.dtype for _, p in self.trainable_named_parameters()), torch.float32)
+
+    @property
+    def t5(self) -> nn.Module:
+        """The encoder–decoder model itself (under a peft prompt wrapper, the model it wraps)."""
+        return getattr(self.backbone, "base_model", self.backbone)
+
+    def set_label_words(self, words: LabelWords) -> None:
+        """The task's real target words (trials; the placeholder has the right shape for counting)."""
+        if self.words is None:
+            raise ValueError(f"{self.spec.name} is not an encoder–decoder: it has a classification head")
+        device = self.words.target.device
+        self.words = words.to(device)
 
     def classify(self, final_hidden: torch.Tensor, attention_mask: torch.Tensor,
                  labels: torch.Tensor | None) -> Output:
+        """Pooled linear head; text-to-text: `final_hidden` is the decoder's (B·C)×T×d, scored by the LM head."""
+        if self.head is None:
+            loss, logits = self.words.loss_and_logits(self.words.scores(lm_logits(self.t5, final_hidden)), labels)
+            return Output(loss, logits)
         logits = self.head(pool(final_hidden, attention_mask, self.pooling))
         return Output(task_loss(logits, labels), logits)
 
@@ -262,7 +299,7 @@ class TaskModel(nn.Module, abc.ABC):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def param_counts(self) -> dict[str, int]:
-        head = sum(numel(p) for p in self.head.parameters())
+        head = 0 if self.head is None else sum(numel(p) for p in self.head.parameters())
         trainable = sum(numel(p) for _, p in self.trainable_named_parameters())
         total = sum(numel(p) for p in self.parameters())
         return {"params_total": total, "params_trainable": trainable - head, "params_head": head}
@@ -295,8 +332,15 @@ class GraftModel(TaskModel):
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder–decoders: the encoder's output and the mask the decoder attends with."""
+        return self.t5.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Output:
+        if self.text2text:
+            encoded, mask = self.encode(input_ids, attention_mask)
+            return self.classify(decode(self.t5, encoded, mask, self.words), attention_mask, labels)
         return self.classify(self.final_hidden(input_ids, attention_mask), attention_mask, labels)
 
 
@@ -305,7 +349,11 @@ class SideModel(TaskModel):
 
     @abc.abstractmethod
     def tap_layers(self) -> list[int]:
-        """Which φ_i this method reads (0 = embeddings, i = output of block i)."""
+        """Which φ_i this method reads (0 = embeddings, i = output of block i); the encoder's for T5."""
+
+    def decoder_tap_layers(self) -> list[int]:
+        """Encoder–decoders: which φ_i of the frozen decoder this method reads."""
+        return []
 
     #: True if the loss at the pooled position depends only on that position's taps
     token_local: bool = False
@@ -318,6 +366,10 @@ class SideModel(TaskModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Output:
+        if self.text2text:
+            taps = collect_taps_t2t(self.t5, self.spec, input_ids, attention_mask, self.tap_layers(),
+                                    self.decoder_tap_layers(), self.words)
+            return self.forward_taps(taps, labels)
         positions = pooled_positions(attention_mask, self.pooling) if self.token_local else None
         taps = collect_taps(self.backbone, self.spec, input_ids, attention_mask, self.tap_layers(), positions)
         return self.forward_taps(taps, labels)
@@ -325,9 +377,12 @@ class SideModel(TaskModel):
     @abc.abstractmethod
     def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output: ...
 
-    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        """The backbone's own final norm (frozen), or identity for post-LN families."""
-        norm = self.spec.anatomy.get(self.backbone, "final_norm")
+    def final_norm(self, h: torch.Tensor, part: str | None = None) -> torch.Tensor:
+        """The backbone's own final norm (frozen), or identity for post-LN families.
+
+        Encoder–decoders: the decoder's (what the LM head reads), or `part="final_norm"` for the encoder's."""
+        part = part or ("decoder_final_norm" if self.text2text else "final_norm")
+        norm = self.spec.anatomy.get(self.backbone, part)
         return h if norm is None else norm(h)
 
 
@@ -374,3 +429,65 @@ def collect_taps(backbone: nn.Module, spec: BackboneSpec, input_ids: torch.Tenso
     if positions is not None:
         attention_mask = torch.ones(input_ids.shape[0], 1, dtype=attention_mask.dtype, device=attention_mask.device)
     return Taps(hidden, attention_mask)
+
+
+def _hooked(modules: Sequence[nn.Module], wanted: Sequence[int], into: dict[int, torch.Tensor],
+            stop_at: int | None) -> list[Any]:
+    """Hooks keeping φ_0 (the input of block 0) and φ_i (the output of block i−1 … as `modules[i]`'s output)."""
+    def keep(i: int) -> Callable:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if i in wanted:
+                into[i] = out[0] if isinstance(out, tuple) else out
+            if i == stop_at:
+                raise _StopForward
+
+        return hook
+
+    def keep_input(_module: nn.Module, args: tuple) -> None:
+        into[0] = args[0]
+        if stop_at == 0:
+            raise _StopForward
+
+    handles = [modules[0].register_forward_pre_hook(keep_input)] if 0 in wanted else []
+    return handles + [m.register_forward_hook(keep(i + 1)) for i, m in enumerate(modules)]
+
+
+def collect_taps_t2t(model: nn.Module, spec: BackboneSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     layers: Sequence[int], decoder_layers: Sequence[int], words: LabelWords) -> Taps:
+    """Encoder–decoders: the frozen encoder's φ_i for i in `layers`, and, if `decoder_layers`, the frozen
+    decoder's φ_i over every candidate target, run on the uncorrected encoder output (under no_grad).
+
+    φ_0 is a stack's input to its first block (embeddings after dropout: T5 embeds both stacks
+    with one shared table, so a hook on it could not tell them apart)."""
+    anatomy = spec.anatomy
+    enc: dict[int, torch.Tensor] = {}
+    deepest = max(layers, default=0)
+    handles = _hooked(list(anatomy.get(model, "blocks")), list(layers), enc,
+                      None if decoder_layers else deepest)
+    try:
+        with torch.no_grad():
+            encoded = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    except _StopForward:
+        encoded = None
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        dec = decoder_taps(model, spec, encoded, attention_mask, words, decoder_layers) if decoder_layers else {}
+    return Taps(enc, attention_mask, dec, words.expand(input_ids.shape[0])[1])
+
+
+def decoder_taps(model: nn.Module, spec: BackboneSpec, encoded: torch.Tensor, attention_mask: torch.Tensor,
+                 words: LabelWords, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The frozen decoder's φ_i over every candidate, reading `encoded`; on the autograd graph unless the
+    caller is under no_grad (READ's `enc_correction_into_decoder` backpropagates through it)."""
+    dec: dict[int, torch.Tensor] = {}
+    handles = _hooked(list(spec.anatomy.get(model, "decoder_blocks")), list(layers), dec, max(layers))
+    try:
+        decode(model, encoded, attention_mask, words)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return dec

@@ -30,7 +30,7 @@ class Config:
 
 
 def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> GraftModel:
-    for linear in spec.anatomy.get(backbone, "blocks").modules():
+    for linear in (m for block in spec.anatomy.all_blocks(backbone) for m in block.modules()):
         if isinstance(linear, nn.Linear) and linear.bias is None:
             w = linear.weight
             linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=w.dtype, device=w.device))

@@ -9,6 +9,9 @@ peft's `inject_adapter_in_model` puts the LoRA layers into the bare backbone in 
 the backbone stays a LlamaModel/BertModel and the trainable tensors keep readable names
 (`layers.0.self_attn.q_proj.lora_A.default.weight`). B starts at zero: identity at init.
 
+T5: the default targets are every q and v projection, self- and cross-attention, in both
+stacks (peft's own T5 default, `q`/`v` naming several projections per decoder block).
+
 Deviations: none (defaults as in the paper's GPT-3 / RoBERTa setup: r=8, alpha=16, q and v).
 """
 
@@ -34,9 +37,11 @@ class Config:
 
 
 def block_linears(backbone: nn.Module, spec: BackboneSpec) -> list[str]:
-    """Block-relative paths of every Linear in a block, e.g. 'self_attn.q_proj', 'attention.self.query'."""
-    block = spec.anatomy.get(backbone, "blocks")[0]
-    return [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+    """Block-relative paths of every Linear in a block, e.g. 'self_attn.q_proj', 'attention.self.query'
+    (encoder–decoders: in an encoder or a decoder block, e.g. T5's 'layer.1.EncDecAttention.q')."""
+    stacks = ["blocks", "decoder_blocks"] if spec.anatomy.encoder_decoder else ["blocks"]
+    blocks = [spec.anatomy.get(backbone, stack)[0] for stack in stacks]
+    return list(dict.fromkeys(name for b in blocks for name, m in b.named_modules() if isinstance(m, nn.Linear)))
 
 
 def resolve_targets(backbone: nn.Module, spec: BackboneSpec, names: Sequence[str]) -> list[str]:
@@ -49,6 +54,9 @@ def resolve_targets(backbone: nn.Module, spec: BackboneSpec, names: Sequence[str
     resolved = []
     for name in names:
         hits = [p for p in paths if p == name] or [p for p in paths if p.endswith("." + name)]
+        if len(hits) > 1 and spec.anatomy.shared_leaf_names and "." not in name:
+            resolved.extend(hits)  # T5: 'q' is every query projection, self- and cross-attention (peft's T5 default)
+            continue
         if len(hits) != 1:
             why = "ambiguous" if hits else "unknown"
             raise ValueError(f"{why} target module {name!r} for {spec.family} blocks; "
@@ -59,7 +67,7 @@ def resolve_targets(backbone: nn.Module, spec: BackboneSpec, names: Sequence[str
 
 def block_regex(spec: BackboneSpec, paths: Sequence[str]) -> str:
     """A peft target regex (peft full-matches string targets) for these paths in every block."""
-    return rf"{re.escape(spec.anatomy.blocks)}\.\d+\.({'|'.join(map(re.escape, paths))})"
+    return rf"{spec.anatomy.block_paths()}\.\d+\.({'|'.join(map(re.escape, paths))})"
 
 
 def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> GraftModel:

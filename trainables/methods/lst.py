@@ -25,8 +25,13 @@ Deviations:
   one set of within-head dims shared by all heads (q/k, and v/o); for Llama, q/k dims
   are chosen in rotary pairs (j, j + head_dim/2) so rotate_half stays meaningful.
   Side blocks' own rotary uses the side head dim's frequencies.
-- Gates exist only for kept blocks (the reference also creates unused gates for dropped
-  ones: its T5-base count, 3,878,712, includes 6 of them).
+- Gates exist only for kept blocks on single-stack backbones (the reference also creates
+  unused gates for dropped ones). On T5 the side network is the reference's (`LstT5Model`:
+  side encoder and side decoder, a gate per backbone block, dropped ones included), so
+  T5-base with r=8 and `drop_every=4` has its 3,878,712 trainable parameters exactly.
+- T5: the side decoder's cross-attention keys/values are pruned along the side encoder's
+  kept output dims; the first kept side block of each stack gets the backbone's relative
+  bias table (all heads are kept).
 - Random init of side blocks uses the HF scheme (normal, std = initializer_range).
 """
 
@@ -37,14 +42,16 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
 
 from trainables.backbones import BackboneSpec, BlockRunner
 from trainables.methods.base import MethodInfo, Output, Pooling, SideModel, Taps, register
+from trainables.text2text import decode
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,8 @@ class Config:
 
 def side_config(backbone_config: Any, family: str, cfg: Config) -> Any:
     """The backbone's HF config shrunk by r; one-line errors name the valid values."""
+    if family == "t5":
+        return _t5_side_config(backbone_config, cfg)
     d, ff, n_heads = backbone_config.hidden_size, backbone_config.intermediate_size, backbone_config.num_attention_heads
     if d % cfg.r or ff % cfg.r:
         valid = [k for k in range(1, math.gcd(d, ff) + 1) if math.gcd(d, ff) % k == 0]
@@ -96,25 +105,58 @@ def side_config(backbone_config: Any, family: str, cfg: Config) -> Any:
     return side
 
 
+def _t5_side_config(config: Any, cfg: Config) -> Any:
+    """T5 shrunk by r as the reference does: d_model, d_ff and the per-head d_kv all / r, same head count."""
+    dims = {"d_model": config.d_model, "d_ff": config.d_ff, "d_kv": config.d_kv}
+    if cfg.heads is not None and cfg.heads != config.num_heads:
+        raise ValueError(f"lst: T5 side blocks keep the backbone's {config.num_heads} heads (d_kv shrinks by r); "
+                         f"heads={cfg.heads} is not supported")
+    if any(v % cfg.r for v in dims.values()):
+        g = math.gcd(*dims.values())
+        raise ValueError(f"lst: r={cfg.r} must divide {dims}; valid r: {[k for k in range(1, g + 1) if g % k == 0]}")
+    side = copy.deepcopy(config)
+    side.d_model, side.d_ff, side.d_kv = (v // cfg.r for v in dims.values())
+    side.use_cache = False
+    return side
+
+
 def side_norm(family: str, backbone_config: Any, width: int) -> nn.Module:
-    """A fresh trainable norm of the family's kind (RMSNorm for Llama, LayerNorm for BERT)."""
+    """A fresh trainable norm of the family's kind (RMSNorm for Llama, LayerNorm for BERT, T5's RMS norm)."""
     if family == "llama":
         return LlamaRMSNorm(width, eps=backbone_config.rms_norm_eps)
+    if family == "t5":
+        return T5LayerNorm(width, eps=backbone_config.layer_norm_epsilon)
     return nn.LayerNorm(width, eps=backbone_config.layer_norm_eps)
+
+
+class Stack(NamedTuple):
+    """One ladder: the backbone blocks it reads, which it keeps, and the side blocks and norm it trains."""
+
+    prefix: str  # "" for single-stack backbones; "enc_"/"dec_" for T5
+    backbone_blocks: Any
+    kept: list[int]
+    side_blocks: nn.ModuleDict
+    side_norm: nn.Module
+    final_norm: str  # the anatomy part the side norm is pruned from
+
+
+def kept_blocks(n: int, cfg: Config) -> list[int]:
+    """Block indices with a side block: all but `drop_layers` and every `drop_every`-th from 0."""
+    bad = [j for j in cfg.drop_layers if not 0 <= j < n]
+    if bad:
+        raise ValueError(f"lst: drop_layers {bad} out of range; blocks are 0..{n - 1} (0-based)")
+    dropped = {*cfg.drop_layers, *(range(0, n, cfg.drop_every) if cfg.drop_every else ())}
+    kept = [j for j in range(n) if j not in dropped]
+    if not kept:
+        raise ValueError(f"lst: drop_layers drops all {n} blocks; keep at least one")
+    return kept
 
 
 class LstModel(SideModel):
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, cfg: Config, n_labels: int, pooling: Pooling):
         super().__init__(backbone, spec, n_labels, pooling)
         self.cfg = cfg
-        n = spec.n_layers
-        bad = [j for j in cfg.drop_layers if not 0 <= j < n]
-        if bad:
-            raise ValueError(f"lst: drop_layers {bad} out of range; blocks are 0..{n - 1} (0-based)")
-        dropped = {*cfg.drop_layers, *(range(0, n, cfg.drop_every) if cfg.drop_every else ())}
-        self.kept = [j for j in range(n) if j not in dropped]
-        if not self.kept:
-            raise ValueError(f"lst: drop_layers drops all {n} blocks; keep at least one")
+        self.kept = kept_blocks(spec.n_layers, cfg)
         self.side_config = side_config(backbone.config, spec.family, cfg)
         d, width = spec.d_model, self.side_config.hidden_size
         block_cls = spec.anatomy.block_class  # the family's own block (Qwen2's has q/k/v biases)
@@ -135,6 +177,10 @@ class LstModel(SideModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def stacks(self) -> list[Stack]:
+        return [Stack("", self.spec.anatomy.get(self.backbone, "blocks"), self.kept, self.blocks, self.norm,
+                      "final_norm")]
+
     def tap_layers(self) -> list[int]:
         extra = [self.spec.n_layers] if self.cfg.merge_last else []
         return sorted({0, *(j + 1 for j in self.kept), *extra})
@@ -153,6 +199,73 @@ class LstModel(SideModel):
             mu = torch.sigmoid(self.merge_alpha / 0.1)
             out = mu * self.final_norm(taps.hidden[self.spec.n_layers].to(dtype)).to(dtype) + (1 - mu) * out
         return self.classify(out, mask, labels)
+
+
+class LstT5Model(SideModel):
+    """LST on T5 as the reference builds it: a side encoder over the encoder's taps and a side decoder
+    over the frozen decoder's taps that cross-attends to the side encoder; Up then the LM head.
+
+    Each stack: s_0 = Down_0(φ_0), gated ladders into side T5 blocks at the kept indices, a side final
+    norm. Gates exist for every backbone block, dropped ones included, and the first kept side block
+    owns the relative-bias table, as in the reference (its T5-base count, 3,878,712, needs both)."""
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, cfg: Config, n_labels: int, pooling: Pooling):
+        super().__init__(backbone, spec, n_labels, pooling)
+        if cfg.merge_last:
+            raise ValueError("lst: merge_last is not supported on encoder–decoder backbones")
+        self.cfg = cfg
+        self.side_config = side_config(backbone.config, "t5", cfg)
+        d, width = spec.d_model, self.side_config.d_model
+        self.kept = {"enc_": kept_blocks(spec.n_layers, cfg), "dec_": kept_blocks(spec.n_decoder_layers, cfg)}
+        self.runners = {}
+        for prefix, n in (("enc_", spec.n_layers), ("dec_", spec.n_decoder_layers)):
+            config = copy.deepcopy(self.side_config)
+            config.is_decoder = prefix == "dec_"
+            kept = self.kept[prefix]
+            setattr(self, f"{prefix}blocks", nn.ModuleDict({
+                str(j): T5Block(config, has_relative_attention_bias=j == kept[0], layer_idx=j) for j in kept}))
+            setattr(self, f"{prefix}downs", nn.ModuleDict({str(t): nn.Linear(d, width)
+                                                           for t in [0, *(j + 1 for j in kept)]}))
+            setattr(self, f"{prefix}alpha", nn.Parameter(torch.zeros(n)))
+            setattr(self, f"{prefix}norm", side_norm("t5", backbone.config, width))
+            self.runners[prefix] = BlockRunner("t5", config)
+        self.up = nn.Linear(width, d)
+        std = backbone.config.initializer_factor * width ** -0.5
+        for m in [*self.enc_blocks.modules(), *self.dec_blocks.modules()]:
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+
+    def stacks(self) -> list[Stack]:
+        get = self.spec.anatomy.get
+        return [Stack("enc_", get(self.backbone, "blocks"), self.kept["enc_"], self.enc_blocks, self.enc_norm,
+                      "final_norm"),
+                Stack("dec_", get(self.backbone, "decoder_blocks"), self.kept["dec_"], self.dec_blocks,
+                      self.dec_norm, "decoder_final_norm")]
+
+    def tap_layers(self) -> list[int]:
+        return [0, *(j + 1 for j in self.kept["enc_"])]
+
+    def decoder_tap_layers(self) -> list[int]:
+        return [0, *(j + 1 for j in self.kept["dec_"])]
+
+    def ladder(self, prefix: str, hidden: dict[int, torch.Tensor], mask: torch.Tensor,
+               encoded: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        dtype, runner = self.side_dtype, self.runners[prefix]
+        downs, blocks = getattr(self, f"{prefix}downs"), getattr(self, f"{prefix}blocks")
+        s = downs["0"](hidden[0].to(dtype))
+        kwargs = runner.prepare(s, mask, encoded, encoder_mask)
+        gates = torch.sigmoid(getattr(self, f"{prefix}alpha") / 0.1)
+        for j in self.kept[prefix]:
+            ladder = downs[str(j + 1)](hidden[j + 1].to(dtype))
+            s = runner(blocks[str(j)], gates[j] * s + (1 - gates[j]) * ladder, kwargs)
+        return getattr(self, f"{prefix}norm")(s)
+
+    def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output:
+        n, mask = self.words.n, taps.attention_mask
+        encoded = self.ladder("enc_", taps.hidden, mask)
+        decoded = self.ladder("dec_", taps.decoder, taps.decoder_mask, encoded.repeat_interleave(n, 0),
+                              mask.repeat_interleave(n, 0))
+        return self.classify(self.up(decoded), mask, labels)
 
 
 # --------------------------------------------------------------------------- pruned init
@@ -175,6 +288,26 @@ PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
 }
 
 
+def _t5_plan() -> dict[str, tuple[str, str | None]]:
+    """T5 blocks: self-attention is layer 0; the decoder's cross-attention is layer 1 (its keys and values
+    read the side encoder's output dims, "enc"); the FFN is layer 1 (encoder) or 2 (decoder)."""
+    plan: dict[str, tuple[str, str | None]] = {
+        "layer.0.SelfAttention.q": ("qk", "res"), "layer.0.SelfAttention.k": ("qk", "res"),
+        "layer.0.SelfAttention.v": ("vo", "res"), "layer.0.SelfAttention.o": ("res", "vo"),
+        "layer.0.SelfAttention.relative_attention_bias": ("all", "all"), "layer.0.layer_norm": ("res", None),
+        "layer.1.EncDecAttention.q": ("qk", "res"), "layer.1.EncDecAttention.k": ("qk", "enc"),
+        "layer.1.EncDecAttention.v": ("vo", "enc"), "layer.1.EncDecAttention.o": ("res", "vo"),
+    }
+    for ff in (1, 2):
+        plan |= {f"layer.{ff}.DenseReluDense.wi": ("ffn", "res"), f"layer.{ff}.DenseReluDense.wi_0": ("ffn", "res"),
+                 f"layer.{ff}.DenseReluDense.wi_1": ("ffn", "res"), f"layer.{ff}.DenseReluDense.wo": ("res", "ffn"),
+                 f"layer.{ff}.layer_norm": ("res", None)}
+    return plan
+
+
+PLANS["t5"] = _t5_plan()
+
+
 def _split(name: str) -> tuple[str, str]:
     module, _, leaf = name.rpartition(".")
     return module, leaf
@@ -187,7 +320,8 @@ def _scores(block: nn.Module, family: str, head_dim: int, sums: dict[str, tuple[
     def add(kind: str, v: torch.Tensor) -> None:
         if kind in ("qk", "vo"):  # fold heads: one score per within-head dim
             v = v.reshape(-1, head_dim).sum(0)
-        total[kind] = total.get(kind, 0) + v.float()
+        if kind not in ("all", "enc"):  # kept whole / chosen by the side encoder
+            total[kind] = total.get(kind, 0) + v.float()
 
     for name, _ in block.named_parameters():
         module, leaf = _split(name)
@@ -209,6 +343,8 @@ def _top(score: torch.Tensor, k: int, pairs: bool = False) -> torch.Tensor:
 
 def _index(kind: str, sel: dict[str, torch.Tensor], size: int, head_dim: int) -> torch.Tensor:
     """Kept positions along a dimension of `size`; within-head dims repeat for every head."""
+    if kind == "all":
+        return torch.arange(size, device=sel["res"].device)
     if kind in ("qk", "vo"):
         heads = torch.arange(size // head_dim, device=sel[kind].device)
         return (heads[:, None] * head_dim + sel[kind]).reshape(-1)
@@ -226,35 +362,49 @@ def prune_init(model: LstModel, batches: Iterable[Any] | None = None) -> dict[in
         return {}
     if cfg.heads is not None and cfg.heads != model.backbone.config.num_attention_heads:
         raise ValueError(f"lst: prune init needs the backbone's head count, not heads={cfg.heads}")
-    blocks = spec.anatomy.get(model.backbone, "blocks")
+    stacks = model.stacks()
     if cfg.importance == "fisher":
         if batches is None:
             raise ValueError("lst: importance='fisher' needs batches: prune_init(model, batches)")
         sums = _fisher_sums(model, batches)
     else:
-        sums = {f"{j}.{n}": _line_sums(p.abs()) for j in model.kept for n, p in blocks[j].named_parameters()}
-    head_dim = spec.d_model // model.backbone.config.num_attention_heads
-    side_head_dim = side.hidden_size // side.num_attention_heads
-    sizes = {"res": side.hidden_size, "ffn": side.intermediate_size, "qk": side_head_dim, "vo": side_head_dim}
-    chosen: dict[int, dict[str, torch.Tensor]] = {}
-    for j in model.kept:
-        own = {n: sums[f"{j}.{n}"] for n, _ in blocks[j].named_parameters()}
-        scores = _scores(blocks[j], spec.family, head_dim, own)
-        sel = {k: _top(v, sizes[k], pairs=(k == "qk" and spec.family == "llama")) for k, v in scores.items()}
-        _copy_pruned(blocks[j], model.blocks[str(j)], spec.family, sel, head_dim)
-        chosen[j] = sel
-    _copy_final_norm(model, chosen[model.kept[-1]]["res"])
+        sums = {f"{st.prefix}{j}.{n}": _line_sums(p.abs()) for st in stacks for j in st.kept
+                for n, p in st.backbone_blocks[j].named_parameters()}
+    head_dim = model.backbone.config.head_dim if spec.family == "t5" else \
+        spec.d_model // model.backbone.config.num_attention_heads
+    side_head_dim = side.hidden_size // side.num_attention_heads if spec.family != "t5" else side.d_kv
+    ffn = side.d_ff if spec.family == "t5" else side.intermediate_size
+    sizes = {"res": side.hidden_size, "ffn": ffn, "qk": side_head_dim, "vo": side_head_dim}
+    chosen: dict[int | str, dict[str, torch.Tensor]] = {}
+    encoder_res = None  # T5: the side encoder's output dims, what the side decoder's cross-attention reads
+    for st in stacks:
+        for j in st.kept:
+            blocks = st.backbone_blocks
+            own = {n: sums[f"{st.prefix}{j}.{n}"] for n, _ in blocks[j].named_parameters()}
+            scores = _scores(blocks[j], spec.family, head_dim, own)
+            sel = {k: _top(v, sizes[k], pairs=(k == "qk" and spec.family == "llama")) for k, v in scores.items()}
+            if encoder_res is not None:
+                sel["enc"] = encoder_res
+            _copy_pruned(blocks[j], st.side_blocks[str(j)], spec.family, sel, head_dim)
+            chosen[f"{st.prefix}{j}" if st.prefix else j] = sel
+        if spec.family == "t5":  # the side's first block owns the relative bias table: the backbone's, all heads
+            first = st.side_blocks[str(st.kept[0])].layer[0].SelfAttention.relative_attention_bias
+            with torch.no_grad():
+                first.weight.copy_(st.backbone_blocks[0].layer[0].SelfAttention.relative_attention_bias.weight)
+        last_res = chosen[f"{st.prefix}{st.kept[-1]}" if st.prefix else st.kept[-1]]["res"]
+        _copy_final_norm(model, st, last_res)
+        encoder_res = last_res
     return chosen
 
 
-def _copy_final_norm(model: LstModel, res: torch.Tensor) -> None:
+def _copy_final_norm(model: LstModel, stack: Stack, res: torch.Tensor) -> None:
     """The side output norm := the backbone's final norm, pruned to the last side block's residual indices.
 
     Post-LN BERT has no final norm: its final hidden state leaves the last block's output LayerNorm."""
-    final = model.spec.anatomy.get(model.backbone, "final_norm")
+    final = model.spec.anatomy.get(model.backbone, stack.final_norm)
     if final is None:
         final = model.spec.anatomy.get(model.backbone, "blocks")[-1].output.LayerNorm
-    own = dict(model.norm.named_parameters())
+    own = dict(stack.side_norm.named_parameters())
     with torch.no_grad():
         for name, p in final.named_parameters():
             own[name].copy_(p.index_select(0, res))
@@ -289,19 +439,23 @@ def _fisher_sums(model: LstModel, batches: Iterable[Any]) -> dict[str, tuple[tor
 
     The backbone (frozen, eval mode) plus this model's head gives the task loss.
     """
-    blocks = model.spec.anatomy.get(model.backbone, "blocks")
-    params = {f"{j}.{n}": p for j in model.kept for n, p in blocks[j].named_parameters()}
+    params = {f"{st.prefix}{j}.{n}": p for st in model.stacks() for j in st.kept
+              for n, p in st.backbone_blocks[j].named_parameters()}
     sums: dict[str, tuple[torch.Tensor, ...]] = {}
     was_training = model.backbone.training
     model.backbone.eval()
     for p in params.values():
         p.requires_grad_(True)
     try:
-        for ids, mask, labels in itertools.islice(_examples(batches, model.head.weight.device),
-                                                  model.cfg.fisher_examples):
+        device = next(model.backbone.parameters()).device
+        for ids, mask, labels in itertools.islice(_examples(batches, device), model.cfg.fisher_examples):
             with torch.enable_grad():
-                h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-                loss = model.classify(h.to(model.head.weight.dtype), mask, labels).loss
+                if model.text2text:  # the frozen T5 scoring the true class's target words
+                    encoded = model.t5.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                    h = decode(model.t5, encoded, mask, model.words)
+                else:
+                    h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                loss = model.classify(h.to(model.side_dtype), mask, labels).loss
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, p), g in zip(params.items(), grads, strict=True):
                 new = _line_sums(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() ** 2)
@@ -320,8 +474,10 @@ def _fisher_init(model: LstModel, batches: Iterable[Any]) -> None:
         prune_init(model, batches)
 
 
-def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> LstModel:
-    model = LstModel(backbone, spec, cfg, n_labels, pooling)
+def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int,
+          pooling: Pooling) -> LstModel | LstT5Model:
+    cls = LstT5Model if spec.anatomy.encoder_decoder else LstModel
+    model = cls(backbone, spec, cfg, n_labels, pooling)
     if cfg.init == "prune" and cfg.importance == "l1":
         prune_init(model)
     return model

@@ -8,7 +8,9 @@ can Distort Pretrained Features and Underperform Out-of-Distribution", ICLR 2022
 
 It reads one tap, φ_L, through the backbone's own final norm (the backbone's
 `last_hidden_state`), so it is cacheable and token-local: with first/last pooling its cache
-holds one position per example.
+holds one position per example. On T5 (text-to-text) the probe is the one method with a new
+linear head: it reads the frozen decoder's final state at the start position (the state the
+LM head would predict the first target token from), after the decoder's final norm.
 
 Reference lr 1e-2: Adam on a linear head over unit-scale features converges in a few hundred
 steps at 1e-3–3e-2 (checked on MiniLM-L6 at batch 16, see study/spaces.py); the search spans a
@@ -39,11 +41,21 @@ class Config:
 class ProbeModel(SideModel):
     token_local = True  # the head reads each pooled position's own final hidden state
 
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, n_labels: int, pooling: Pooling):
+        super().__init__(backbone, spec, n_labels, pooling, linear_head=True)
+
     def tap_layers(self) -> list[int]:
-        return [self.spec.n_layers]
+        return [] if self.text2text else [self.spec.n_layers]
+
+    def decoder_tap_layers(self) -> list[int]:
+        return [self.spec.n_decoder_layers] if self.text2text else []
 
     def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output:
-        final = self.final_norm(taps.hidden[self.spec.n_layers].to(self.head.weight.dtype))
+        if self.text2text:  # the frozen decoder's state at its first (start-token) position, one row per example
+            first = taps.decoder[self.spec.n_decoder_layers][:: self.words.n, :1]
+            final = self.final_norm(first.to(self.side_dtype))
+            return self.classify(final, torch.ones(final.shape[:2], device=final.device, dtype=torch.long), labels)
+        final = self.final_norm(taps.hidden[self.spec.n_layers].to(self.side_dtype))
         return self.classify(final, taps.attention_mask, labels)
 
 

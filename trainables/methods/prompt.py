@@ -13,7 +13,8 @@ The outputs differ from the frozen backbone at init by design (identity_at_init=
 
 Deviations: default init is peft's RANDOM (N(0, 1) rows), as METHODS.md asks; the paper
 prefers sampled-vocabulary or class-label init (`init=sample_vocab` gives the former).
-Inputs must leave n positions free (BERT: 512 − n tokens).
+Inputs must leave n positions free (BERT: 512 − n tokens). T5: the prompt is prepended to the
+encoder's input embeddings (the peft wrapper's `get_prompt`), as in the paper.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class PromptModel(GraftModel):
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return super().final_hidden(input_ids, attention_mask)[:, self.n_virtual:]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5: the prompt is prepended to the encoder's input (as peft's seq2seq wrapper does); the decoder
+        attends to the virtual positions too."""
+        prompt = self.backbone.get_prompt(batch_size=input_ids.shape[0])
+        embeds = torch.cat([prompt.to(self.t5.shared.weight.dtype), self.t5.shared(input_ids)], dim=1)
+        ones = torch.ones(input_ids.shape[0], self.n_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+        return self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
 
 
 def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> PromptModel:

@@ -17,6 +17,13 @@ Learning rate 1e-3: the reference's 3e-3 is for its batch sizes; at this study's
 side methods prefer lower rates (LST's sweep on MiniLM-L6, trainables/methods/lst.py), so the
 search spans 1e-4–1e-2.
 
+Encoder–decoders (T5): SHERL per stack, each with its own early route, skip and norm. The
+encoder's early route feeds the frozen last encoder block, whose normed output replaces the
+encoder output; the decoder's early route reads the frozen decoder's taps (computed on the
+uncorrected encoder output, so they are cacheable) and feeds the frozen last decoder block,
+which cross-attends to the SHERL encoder output: gradients pass through the two last blocks
+only. The last blocks get T5's relative position bias from their stack's first block.
+
 Deviations:
 - ρ_k is clamped at 1e-6 before dividing, so an all-zero z_k cannot give NaN.
 - The trainable norm starts as a copy of the backbone's final norm (Llama), so m = φ_{L−1}
@@ -73,41 +80,69 @@ class SherlModel(SideModel):
             raise ValueError(f"sherl: taps {bad} out of range; valid φ indices are 0..{n - 2}")
         self.taps = sorted(set(cfg.taps)) or list(range(n - 1))  # shallow; the guide is φ_{L-1}
         width = d // cfg.r
-        self.downs = nn.ModuleList(GatedDown(d, width) for _ in self.tap_layers())
-        self.score = nn.Linear(width, 1)  # w, c of a_k = ReLU(wᵀ(z_k ⊙ g) + c) / ρ_k
-        self.out = nn.Linear(width, d)
-        self.beta = nn.Parameter(torch.zeros(1))
-        self.norm = side_norm(spec.family, backbone.config, d)
-        final = spec.anatomy.get(backbone, "final_norm")
-        if final is not None and final.weight.device.type != "meta":
-            with torch.no_grad():
-                self.norm.weight.copy_(final.weight)
+        stacks = [("", "final_norm", len(self.tap_layers()))]
+        if self.text2text:  # the attributes without a prefix are the stack that feeds the head: T5's decoder
+            stacks = [("", "decoder_final_norm", spec.n_decoder_layers), ("enc_", "final_norm", len(self.tap_layers()))]
+        for prefix, norm_part, k in stacks:
+            setattr(self, f"{prefix}downs", nn.ModuleList(GatedDown(d, width) for _ in range(k)))
+            setattr(self, f"{prefix}score", nn.Linear(width, 1))  # w, c of a_k = ReLU(wᵀ(z_k ⊙ g) + c) / ρ_k
+            setattr(self, f"{prefix}out", nn.Linear(width, d))
+            setattr(self, f"{prefix}beta", nn.Parameter(torch.zeros(1)))
+            setattr(self, f"{prefix}norm", side_norm(spec.family, backbone.config, d))
+            final = spec.anatomy.get(backbone, norm_part)
+            if final is not None and final.weight.device.type != "meta":
+                with torch.no_grad():
+                    getattr(self, f"{prefix}norm").weight.copy_(final.weight)
         self.runner = BlockRunner(spec.family, backbone.config)
 
     def tap_layers(self) -> list[int]:
         return [*self.taps, self.spec.n_layers - 1]
 
-    def mix(self, taps: Taps) -> torch.Tensor:
-        """m: the early route's output, input to the last block (B×T×d)."""
-        dtype = self.head.weight.dtype
-        layers = self.tap_layers()
-        z = torch.stack([down(taps.hidden[k].to(dtype)) for k, down in zip(layers, self.downs, strict=True)])
+    def decoder_tap_layers(self) -> list[int]:
+        return list(range(self.spec.n_decoder_layers)) if self.text2text else []
+
+    def mix(self, taps: Taps, prefix: str = "") -> torch.Tensor:
+        """m: the early route's output, input to the last block (B×T×d); T5: `prefix="enc_"` is the encoder's."""
+        dtype = self.side_dtype
+        hidden = taps.decoder if self.text2text and not prefix else taps.hidden
+        layers = self.decoder_tap_layers() if hidden is taps.decoder else self.tap_layers()
+        downs = getattr(self, f"{prefix}downs")
+        z = torch.stack([down(hidden[k].to(dtype)) for k, down in zip(layers, downs, strict=True)])
         shallow, guide = z[:-1], z[-1]  # guide: the deepest tap, φ_{L-1}
         unit = F.normalize(shallow, dim=-1)
         rho = F.relu(torch.einsum("kbtd,jbtd->kjbt", unit, unit)).sum(1).clamp_min(1e-6)
-        a = F.relu(self.score(shallow * guide).squeeze(-1)) / rho  # (K-1)×B×T
+        a = F.relu(getattr(self, f"{prefix}score")(shallow * guide).squeeze(-1)) / rho  # (K-1)×B×T
         a = a / (a.sum(0, keepdim=True) + 1e-6)
         c = guide + (a.unsqueeze(-1) * shallow).sum(0)
-        skip = taps.hidden[self.spec.n_layers - 1].to(dtype)
-        return self.out(F.relu(c)) + torch.tanh(self.beta / 0.1) * skip
+        skip = hidden[layers[-1]].to(dtype)
+        return getattr(self, f"{prefix}out")(F.relu(c)) + torch.tanh(getattr(self, f"{prefix}beta") / 0.1) * skip
 
-    def late_route(self, m: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The frozen last block on m, in the block's dtype, with gradients flowing through it."""
-        block = self.spec.anatomy.get(self.backbone, "blocks")[-1]
-        x = m.to(next(block.parameters()).dtype)
-        return self.runner(block, x, self.runner.prepare(x, attention_mask)).to(m.dtype)
+    def late_route(self, m: torch.Tensor, attention_mask: torch.Tensor, stack: str = "blocks",
+                   encoded: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen last block on m, in the block's dtype, with gradients flowing through it.
+
+        T5: `stack` names the encoder's or decoder's blocks; the last block gets the relative position
+        bias from its stack's first block, and a decoder block cross-attends to `encoded`."""
+        blocks = self.spec.anatomy.get(self.backbone, stack)
+        block = blocks[-1]
+        dtype = next(block.parameters()).dtype
+        x = m.to(dtype)
+        bias = None
+        if self.text2text:
+            bias = blocks[0].layer[0].SelfAttention.compute_bias(x.shape[1], x.shape[1], device=x.device).to(dtype)
+        kwargs = self.runner.prepare(x, attention_mask, None if encoded is None else encoded.to(dtype),
+                                     encoder_mask, position_bias=bias) if self.text2text else \
+            self.runner.prepare(x, attention_mask)
+        return self.runner(block, x, kwargs).to(m.dtype)
 
     def forward_taps(self, taps: Taps, labels: torch.Tensor | None = None) -> Output:
+        if self.text2text:
+            mask = taps.attention_mask
+            encoded = self.enc_norm(self.late_route(self.mix(taps, "enc_"), mask))
+            n = self.words.n
+            h = self.late_route(self.mix(taps), taps.decoder_mask, "decoder_blocks",
+                                encoded.repeat_interleave(n, 0), mask.repeat_interleave(n, 0))
+            return self.classify(self.norm(h), mask, labels)
         h = self.late_route(self.mix(taps), taps.attention_mask)
         return self.classify(self.norm(h), taps.attention_mask, labels)
 
