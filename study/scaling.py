@@ -61,13 +61,17 @@ def ladder(max_model: str, gpu: bool = False) -> list[str]:
     """Registered backbones up to max_model's size (any name, hub id or folder: counted on meta).
 
     CPU: all of them (tests excluded) plus the pretrained depth ladder. GPU: the registered
-    checkpoints (the random cost ladder exists for CPUs), and max_model itself.
+    checkpoints (the random cost ladder exists for CPUs), and max_model itself. Encoder–decoders
+    form their own ladder: `--max-model t5-11b` (or flan-t5-xxl) plans the T5 sizes, any other
+    max model the decoder/encoder-only ones.
     """
     top = backbones.count_params(backbones.build(max_model))
+    t5 = backbones.get_spec(max_model).anatomy.encoder_decoder
+    same_kind = [n for n, s in backbones.REGISTRY.items() if s.note != "tests" and s.anatomy.encoder_decoder == t5]
     if gpu:
-        names = [n for n, s in backbones.REGISTRY.items() if s.note != "tests" and s.has_checkpoint]
+        names = [n for n in same_kind if backbones.REGISTRY[n].has_checkpoint]
     else:
-        names = [n for n, s in backbones.REGISTRY.items() if s.note != "tests"] + list(DEPTH_LADDER)
+        names = same_kind + ([] if t5 else list(DEPTH_LADDER))
     sized = [(backbones.count_params(backbones.build(n)), n) for n in dict.fromkeys([*names, max_model])]
     return [n for size, n in sorted(sized) if size <= top]
 

@@ -157,13 +157,16 @@ def gathered(params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManage
 def apply_reads(backbone: nn.Module, spec: BackboneSpec, method: str) -> list[nn.Parameter]:
     """Backbone parameters a method reads while it is being applied (they must be gathered first).
 
-    SHERL copies the final norm; LST's pruned init copies slices of every block (the whole
-    stack, gathered once: use `init=random` to avoid that on a giant backbone).
+    SHERL copies the final norm(s); LST's pruned init copies slices of every block and the
+    final norm(s) (the whole stack, gathered once: use `init=random` to avoid that on a giant
+    backbone). Encoder–decoders: both stacks.
     """
+    anatomy = spec.anatomy
+    norms = [n for part in ("final_norm", "decoder_final_norm") if (n := anatomy.get(backbone, part)) is not None]
+    reads = [p for n in norms for p in n.parameters()]
     if method == "lst":
-        return list(spec.anatomy.get(backbone, "blocks").parameters())
-    norm = spec.anatomy.get(backbone, "final_norm")
-    return [] if norm is None else list(norm.parameters())
+        reads += [p for block in anatomy.all_blocks(backbone) for p in block.parameters()]
+    return reads
 
 
 def lockstep(work: Sequence[Any], per_rank: Sequence[int], filler: Any) -> Iterator[tuple[Any, bool]]:

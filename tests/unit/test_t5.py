@@ -1,0 +1,144 @@
+"""T5, the papers' own setting: the registry's sizes, the papers' counts, text-to-text scoring, a real trial.
+
+Counts are on the meta device (no weights); the tiny random T5 (`t5-tiny`, MiniLM's tokenizer)
+runs methods and a short trial on the offline vader-movies corpus.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from study.scaling import ladder
+from trainables import backbones
+from trainables.backbones import build, get_spec
+from trainables.methods import apply_method
+from trainables.methods.lst import prune_init
+from trainables.text2text import LabelWords, regression_grid
+
+
+def trainable(backbone: str, method: str, cfg: dict | None = None) -> int:
+    spec = get_spec(backbone)
+    return apply_method(method, build(spec), spec, cfg or {}).param_counts()["params_trainable"]
+
+
+# Parameter totals as published on the hub model cards (T5: tied head; Flan-T5 = T5 v1.1: untied head).
+PUBLISHED = {"t5-small": 60_506_624, "t5-base": 222_903_552, "t5-large": 737_668_096, "t5-3b": 2_851_598_336,
+             "t5-11b": 11_307_321_344, "flan-t5-small": 76_961_152, "flan-t5-base": 247_577_856,
+             "flan-t5-large": 783_150_080, "flan-t5-xl": 2_849_757_184, "flan-t5-xxl": 11_135_332_352}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_registry_sizes_match_the_published_counts(name):
+    assert backbones.count_params(build(name)) == PUBLISHED[name]
+
+
+def test_truncation_keeps_the_first_k_blocks_of_both_stacks():
+    spec = get_spec("t5-base@L6")
+    model = build(spec)
+    assert (spec.n_layers, spec.n_decoder_layers) == (6, 6)
+    assert len(model.encoder.block) == len(model.decoder.block) == 6
+
+
+def test_lst_t5_base_matches_the_lst_paper():
+    """LST paper (Table 1): T5-base, r=8, 9 of 12 layers kept -> 3,878,712 trainable, 1.74%."""
+    n = trainable("t5-base", "lst", {"r": 8, "drop_every": 4})
+    assert n == 3_878_712
+    assert round(100 * n / PUBLISHED["t5-base"], 2) == 1.74
+
+
+def test_read_does_not_grow_with_t5_size():
+    """t5-large, t5-3b and t5-11b share d = 1024: READ's count is the same (READ paper's claim)."""
+    h, d = 256, 1024
+    decoder = 4 * h * d + 3 * h * h + 6 * h + 2 * d  # GRU, joiner scale, W_o
+    encoder = 3 * h * d + 3 * h * h + 6 * h + d  # GRU, joiner scale (its state feeds the decoder's RNN)
+    counts = {b: trainable(b, "read") for b in ("t5-large", "t5-3b", "t5-11b")}
+    assert set(counts.values()) == {decoder + encoder}, counts
+
+
+def test_ladders_keep_families_apart():
+    assert all(get_spec(n).family == "t5" for n in ladder("t5-11b"))
+    assert not any(get_spec(n).family == "t5" for n in ladder("llama-7b"))
+
+
+def test_label_words_score_and_regression_grid():
+    from trainables.backbones import load_tokenizer
+
+    tok = load_tokenizer("t5-tiny")  # MiniLM's WordPiece: [SEP] ends targets
+    config = build("t5-tiny").config
+    words = LabelWords.from_names(tok, ["negative", "positive"], config)
+    assert words.target[:, -1].tolist() == [tok.sep_token_id] * 2 and words.decoder_input_ids[:, 0].eq(0).all()
+    logits = torch.full((2 * 2, words.target.shape[1], config.vocab_size), -10.0)
+    positions = torch.arange(words.target.shape[1])
+    for example, cls in ((0, 1), (1, 0)):  # example 0's targets say "positive", example 1's "negative"
+        logits[example * 2 + cls, positions, words.target[cls]] = 10.0
+    loss, scores = words.loss_and_logits(words.scores(logits), torch.tensor([1, 0]))
+    assert scores.argmax(-1).tolist() == [1, 0] and loss.item() < 1e-3
+    grid = regression_grid()
+    assert len(grid) == 26 and grid[0] == 0.0 and grid[-1] == 5.0
+    reg = LabelWords.placeholder(1, config)
+    assert reg.n == 26 and reg.classes_of(torch.tensor([3.79, 0.05])).tolist() == [19, 0]
+
+
+def test_lst_pruned_init_copies_both_stacks_and_cross_attention_reads_the_side_encoder():
+    torch.manual_seed(0)
+    spec = get_spec("t5-tiny")
+    model = apply_method("lst", build(spec, "cpu"), spec, {"r": 4, "init": "random"})
+    chosen = prune_init(model)
+    t5 = model.backbone
+    enc_res = chosen["enc_1"]["res"]
+    sel = chosen["dec_1"]
+    heads, d_kv = t5.config.num_heads, t5.config.d_kv
+    rows = (torch.arange(heads)[:, None] * d_kv + sel["qk"]).reshape(-1)
+    want = t5.decoder.block[1].layer[1].EncDecAttention.k.weight[rows][:, enc_res]
+    torch.testing.assert_close(model.dec_blocks["1"].layer[1].EncDecAttention.k.weight, want)
+    torch.testing.assert_close(model.enc_norm.weight, t5.encoder.final_layer_norm.weight[enc_res])
+    first = model.enc_blocks["0"].layer[0].SelfAttention.relative_attention_bias.weight
+    torch.testing.assert_close(first, t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight)
+
+
+def test_read_reference_variant_backpropagates_through_the_frozen_decoder_only():
+    torch.manual_seed(0)
+    spec = get_spec("t5-tiny")
+    model = apply_method("read", build(spec, "cpu"), spec, {"hidden_size": 16, "enc_correction_into_decoder": True})
+    with torch.no_grad():
+        model.enc_out.weight.normal_(std=0.1)
+    ids = torch.randint(5, 500, (2, 6))
+    model(ids, torch.ones_like(ids), torch.tensor([0, 1])).loss.backward()
+    assert model.enc_out.weight.grad.abs().sum() > 0  # reached through the frozen decoder
+    assert model.enc_rnn.weight_ih_l0.grad.abs().sum() > 0
+    assert not model.backbone_tensors_with_grad()
+
+
+def test_read_default_reaches_the_encoder_module_through_the_side_network():
+    torch.manual_seed(0)
+    spec = get_spec("t5-tiny")
+    model = apply_method("read", build(spec, "cpu"), spec, {"hidden_size": 16})
+    with torch.no_grad():
+        model.out.weight.normal_(std=0.1)  # W_o starts at zero: give the path a gradient
+    ids = torch.randint(5, 500, (2, 6))
+    model(ids, torch.ones_like(ids), torch.tensor([0, 1])).loss.backward()
+    assert model.enc_out is None and model.enc_rnn.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_memory_estimate_runs_on_t5():
+    from trainables.memory import estimate_step
+
+    full = estimate_step("t5-tiny", "full", batch_size=4, seq_len=16, dtype=torch.float32)
+    lst = estimate_step("t5-tiny", "lst", {"r": 4}, batch_size=4, seq_len=16, dtype=torch.float32)
+    assert 0 < lst.optimizer < full.optimizer and lst.peak_bytes < full.peak_bytes
+
+
+@pytest.mark.parametrize("method", ["read"])
+def test_a_short_t5_trial_on_real_text(method, tmp_path, capsys):
+    from trainables import loop
+
+    rc = loop.main(["--backbone", "t5-tiny", "--method", method, "--task", "vader-movies", "--train-size", "32",
+                    "--epochs", "1", "--max-length", "24", "--batch-size", "8", "--run", "max_eval_examples=32",
+                    "--out", str(tmp_path / method), "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["status"] == "ok", summary.get("error")
+    assert summary["backbone_family"] == "t5" and summary["params_head"] == 0
+    assert 0.0 <= summary["best_metric"] <= 1.0
