@@ -306,7 +306,38 @@ def parameter_verdicts(trials: pd.DataFrame, method: str = "read") -> list[Verdi
                          f"×{r.ratio:.1f} narrowest to widest; N ≈ {r.linear_intercept:,.0f} + "
                          f"{r.linear_slope:,.0f}·d (R² = {r.linear_r2:.4f})"
                          + (" — grows linearly in d" if linear and verdict == NOT_SUPPORTED else ""))}))
+    out.append(t5_verdict(method))
     return out
+
+
+# The READ paper's own setting for the claim: three T5 sizes (0.74B–11.3B) that share d = 1024.
+T5_SAME_WIDTH = ("t5-large", "t5-3b", "t5-11b")
+
+
+def t5_counts(methods: Sequence[str] = ("read", "lora", "adapter", "lst", "sherl")) -> pd.DataFrame:
+    """Exact trainable counts on T5-large/3B/11B, from meta-device builds (no study run needed)."""
+    from study.count import count
+
+    rows = [count(b, m) for b in T5_SAME_WIDTH for m in methods]
+    return pd.DataFrame(rows, columns=["backbone", "method", "params_backbone", "params_trainable",
+                                       "trainable_fraction"])
+
+
+def t5_verdict(method: str = "read") -> Verdict:
+    """The claim on T5 sizes at fixed width: the log-log slope of the count against the backbone's size."""
+    c = t5_counts((method,))
+    slope = round(float(np.polyfit(np.log(c["params_backbone"]), np.log(c["params_trainable"]), 1)[0]), 9) + 0.0
+    verdict = _flat(slope)
+    sizes = ", ".join(f"{b} {n / 1e9:.2f}B: {t:,}" for b, n, t in
+                      zip(c["backbone"], c["params_backbone"], c["params_trainable"], strict=True))
+    return Verdict(PARAMS_CLAIM, "size at fixed width: T5-large / 3B / 11B (d = 1024)", verdict, slope, None,
+                   len(c), {"axis": "size", "family": "t5", "width": 1024,
+                            "params_trainable": c["params_trainable"].tolist(),
+                            "params_backbone": c["params_backbone"].tolist(),
+                            "source": "meta-device count (exact), default method config",
+                            "rule": f"|log-log slope vs backbone size| <= {FLAT_SLOPE} → supported (flat)",
+                            "summary": f"{method} count vs T5 size ({sizes}): log-log slope {slope:.3f} — "
+                                       + ("flat" if verdict == SUPPORTED else "grows")})
 
 
 # --------------------------------------------------------------------------- 2. convergence

@@ -142,3 +142,11 @@ def test_a_short_t5_trial_on_real_text(method, tmp_path, capsys):
     assert rc == 0 and summary["status"] == "ok", summary.get("error")
     assert summary["backbone_family"] == "t5" and summary["params_head"] == 0
     assert 0.0 <= summary["best_metric"] <= 1.0
+
+
+def test_the_analysis_judges_the_t5_row_flat():
+    from analysis import claims
+
+    verdict = claims.t5_verdict("read")
+    assert verdict.verdict == claims.SUPPORTED and verdict.statistic == 0.0 and verdict.n == 3
+    assert claims.t5_verdict("lst").verdict == claims.NOT_SUPPORTED  # LST's side blocks grow with d_ff and heads
