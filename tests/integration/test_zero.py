@@ -160,3 +160,32 @@ def test_two_rank_gloo_cache_build_equals_the_plain_cache(tmp_path):
         a, b = cache.TapReader(tmp_path / "plain" / name), cache.TapReader(tmp_path / "zero" / name)
         assert torch.equal(a.lengths, b.lengths) and torch.equal(a.labels, b.labels)
         torch.testing.assert_close(torch.cat(b._shards), torch.cat(a._shards), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["read", "lst", "sherl"])
+def test_t5_side_methods_on_a_zero3_backbone_equal_the_plain_one(method, tmp_path):
+    """Encoder–decoder taps through a partitioned T5: both stacks, the LM head and SHERL's two last blocks."""
+    from trainables.methods import apply_method
+
+    spec = get_spec("t5-tiny")
+    torch.manual_seed(0)
+    plain = build(spec, "cpu")
+    plain.save_pretrained(tmp_path / "t5")
+    part = zero.build_partitioned(spec, weights="pretrained", dtype=torch.float32, ds_config=zero.config("cpu"),
+                                  folder=tmp_path / "t5")
+    try:
+        ids, mask = batch()
+        labels = torch.tensor([0, 1, 1, 0])
+        losses = []
+        for backbone in (plain, part.module):
+            torch.manual_seed(1)
+            with zero.gathered(zero.apply_reads(backbone, spec, method)):
+                model = apply_method(method, backbone, spec, {"r": 4} if method != "read" else {}, n_labels=2)
+            model.eval()
+            loss = model(ids, mask, labels).loss
+            loss.backward()
+            losses.append(loss.detach())
+            assert not model.backbone_tensors_with_grad()
+        torch.testing.assert_close(losses[1], losses[0])
+    finally:
+        part.close()
