@@ -41,6 +41,7 @@ from trainables import cache, loop, zero
 from trainables.backbones import build, get_spec
 from trainables.energy import EnergyMeter
 from trainables.methods import apply_method, get_method
+from trainables.trial import label_words
 
 
 @dataclass
@@ -75,6 +76,10 @@ def needs_of(group: Group) -> list[Need]:
     # random weights are named by their values: draw them as the trial will; pretrained ones need no weights
     backbone = build(spec, "cpu" if weights == "random" else "meta", dtype=dtype)
     model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels, pooling=cfg.pooling)
+    if model.text2text and cfg.task != "synthetic":  # the task's class words, as the trial will score them
+        model.set_label_words(label_words(cfg, spec, backbone, task.n_labels))
+    if not model.taps_frozen:
+        return []
     keys = cache.trial_keys(model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights)
     zero_on = cfg.zero == "on" or (cfg.zero == "auto" and device.type == "cuda" and torch.cuda.is_available()
                                    and zero.needed(spec, dtype, device))
@@ -291,8 +296,12 @@ def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, s
         folder, status = (ensure_published(root, *args) if isinstance(root, Location) and not root.local
                           else cache.ensure(Location.of(root).local_path, *args))
         done[need.key.fingerprint()] = status
-        progress(f"activation cache {need.key.backbone} / {need.key.task} {need.key.split} "
-                 f"({need.key.positions}, φ_0..φ_{need.key.taps[-1]}): {status} -> {folder}")
+        key = need.key
+        taps = f"φ_0..φ_{key.taps[-1]}" if key.taps else "no encoder taps"
+        if key.decoder_taps:
+            taps += f", decoder φ_0..φ_{key.decoder_taps[-1]} over {len(key.targets)} targets"
+        progress(f"activation cache {key.backbone} / {key.task} {key.split} ({key.positions}, {taps}): "
+                 f"{status} -> {folder}")
 
     for need in tasks:
         ensure(need, task_writer(need))

@@ -8,6 +8,10 @@ weights revision, the tokenised rows and labels (which pin task, split, train_si
 seed, tokenizer and max length; those are also recorded by name), the tap set, which
 positions are kept, and the storage dtype.
 
+Encoder–decoders (T5): the encoder's taps are stored as above; the frozen decoder's taps over
+every candidate target (the class words, `targets` in the key) are stored beside them in
+`decoder` [examples·C·T, K_dec, d] (a fixed C·T rows per example), read back as `Taps.decoder`.
+
 Two exact savings shape the storage: only real tokens are kept (packed, no padding;
 batches are re-padded when read), and for token-local methods with first/last pooling
 (READ) only the pooled position: L×d per example instead of L×T×d.
@@ -76,13 +80,16 @@ class CacheKey:
     positions: Positions
     dtype: str  # storage dtype
     format: int = FORMAT
+    decoder_taps: tuple[int, ...] = ()  # encoder–decoders: the frozen decoder's φ_i, over every candidate ...
+    targets: tuple[tuple[int, ...], ...] = ()  # ... target: the class words' token ids (trainables.text2text)
 
     # Recorded, not hashed: the data digest already pins the rows they select, and the weights
     # revision the random draw, so trials that differ only here share one cache.
     INFORMATIONAL = ("train_size", "seed")
 
     def fingerprint(self) -> str:
-        parts = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.INFORMATIONAL}
+        parts = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.INFORMATIONAL
+                 and not (k in ("decoder_taps", "targets") and not v)}  # single-stack keys hash as before
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -123,9 +130,20 @@ def tokenizer_revision(spec: BackboneSpec) -> str:
 
 def tap_request(model: SideModel) -> tuple[tuple[int, ...], Positions]:
     """The taps a side model needs (φ_0 up to its deepest, so methods can share) and which positions."""
+    if model.text2text:  # every real source token; the decoder's taps are asked for by `decoder_request`
+        return tuple(range(max(model.tap_layers(), default=-1) + 1)), "all"
     deepest = max(model.tap_layers())
     pooled = model.token_local and model.pooling != "mean"
     return tuple(range(deepest + 1)), model.pooling if pooled else "all"
+
+
+def decoder_request(model: SideModel) -> dict[str, Any]:
+    """Encoder–decoders: the decoder taps (φ_0 up to the deepest) and the candidate targets they are read on."""
+    if not model.text2text:
+        return {}
+    words = model.words
+    targets = tuple(tuple(t[m].tolist()) for t, m in zip(words.target, words.mask, strict=True))
+    return {"decoder_taps": tuple(range(max(model.decoder_tap_layers()) + 1)), "targets": targets}
 
 
 class CacheSettings(Protocol):
@@ -148,12 +166,16 @@ def trial_keys(model: SideModel, spec: BackboneSpec, cfg: CacheSettings, splits:
                   compute_dtype=str(compute_dtype).removeprefix("torch."),
                   tokenizer="none" if cfg.task == "synthetic" else tokenizer_revision(spec),
                   task=cfg.task, train_size=cfg.train_size, seed=cfg.seed, max_length=cfg.max_length,
-                  taps=taps, positions=positions, dtype=cfg.cache_dtype)
+                  taps=taps, positions=positions, dtype=cfg.cache_dtype, **decoder_request(model))
     return {name: CacheKey(split=name, data=data_digest(ds), **common) for name, ds in splits.items()}
 
 
 def candidates(key: CacheKey, n_layers: int) -> list[CacheKey]:
-    """A cache with every tap (φ_0..φ_L) also serves a method that needs fewer (LST's serves SHERL)."""
+    """A cache with every tap (φ_0..φ_L) also serves a method that needs fewer (LST's serves SHERL).
+
+    Encoder–decoder caches are looked up by their own tap sets only."""
+    if key.decoder_taps:
+        return [key]
     full = dataclasses.replace(key, taps=tuple(range(n_layers + 1)))
     return [key] if full == key else [key, full]
 
@@ -175,8 +197,15 @@ def padded_bytes(n_examples: int, n_taps: int, d: int, max_length: int, dtype: s
     return n_examples * max_length * n_taps * d * STORAGE_DTYPES[dtype].itemsize
 
 
+def key_bytes(key: CacheKey, lengths: np.ndarray, d: int) -> int:
+    """Bytes on disk of the cache for `key`: `estimate_bytes`, plus an encoder–decoder's decoder taps."""
+    decoder_rows = len(lengths) * len(key.targets) * max((len(t) for t in key.targets), default=0)
+    return (estimate_bytes(lengths, len(key.taps), d, key.positions, key.dtype)
+            + decoder_rows * len(key.decoder_taps) * d * STORAGE_DTYPES[key.dtype].itemsize)
+
+
 def shard_ranges(lengths: np.ndarray, key: CacheKey, d: int, shard_bytes: int = SHARD_BYTES) -> list[range]:
-    per_example = max(1, estimate_bytes(lengths, len(key.taps), d, key.positions, key.dtype) // max(1, len(lengths)))
+    per_example = max(1, key_bytes(key, lengths, d) // max(1, len(lengths)))
     size = max(1, shard_bytes // per_example)
     return [range(a, min(a + size, len(lengths))) for a in range(0, len(lengths), size)]
 
@@ -295,10 +324,14 @@ def plan_batches(rows: Sequence[Sequence[int]], pad_token_id: int, batch_size: i
     return out
 
 
-def extract(backbone: nn.Module, spec: BackboneSpec, batch: Batch, key: CacheKey) -> list[torch.Tensor]:
-    """Per example of `batch`: its kept rows [rows, K, d] in the storage dtype (backbone in eval mode)."""
+def extract(backbone: nn.Module, spec: BackboneSpec, batch: Batch,
+            key: CacheKey) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example of `batch`: its kept rows [rows, K, d] in the storage dtype (backbone in eval mode);
+    encoder–decoders: (encoder rows, decoder rows [C·T, K_dec, d]) per example."""
     device = input_device(backbone)
     mask = batch.attention_mask.to(device)
+    if key.decoder_taps:
+        return _extract_t2t(backbone, spec, batch.input_ids.to(device), mask, key)
     pos = None if key.positions == "all" else pooled_positions(mask, key.positions)
     taps = collect_taps(backbone, spec, batch.input_ids.to(device), mask, key.taps, pos)
     stacked = torch.stack([taps.hidden[i] for i in key.taps], dim=2).to(STORAGE_DTYPES[key.dtype]).cpu()
@@ -306,12 +339,33 @@ def extract(backbone: nn.Module, spec: BackboneSpec, batch: Batch, key: CacheKey
     return [stacked[j, :n] for j, n in enumerate(rows)]
 
 
-def save_shard(path: Path, pieces: dict[int, torch.Tensor], rows: Sequence[Sequence[int]],
+def _extract_t2t(model: nn.Module, spec: BackboneSpec, ids: torch.Tensor, mask: torch.Tensor,
+                 key: CacheKey) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from trainables.methods.base import collect_taps_t2t
+    from trainables.text2text import LabelWords
+
+    words = LabelWords(key.targets, int(spec.config.get("decoder_start_token_id") or 0)).to(ids.device)
+    taps = collect_taps_t2t(model, spec, ids, mask, key.taps, key.decoder_taps, words)
+    dtype = STORAGE_DTYPES[key.dtype]
+    enc = (torch.stack([taps.hidden[i] for i in key.taps], dim=2) if key.taps
+           else taps.decoder[key.decoder_taps[0]].new_zeros(*ids.shape, 0, spec.d_model))
+    enc = enc.to(dtype).cpu()
+    dec = torch.stack([taps.decoder[i] for i in key.decoder_taps], dim=2).to(dtype).cpu()  # (B·C)×T×K×d
+    dec = dec.reshape(ids.shape[0], -1, *dec.shape[2:])  # per example: C·T rows
+    return [(enc[j, :n], dec[j]) for j, n in enumerate(mask.sum(1).tolist())]
+
+
+def save_shard(path: Path, pieces: dict[int, Any], rows: Sequence[Sequence[int]],
                labels: torch.Tensor) -> dict[str, Any]:
     """Write one shard (examples in their original order) and return its manifest record."""
-    taps = torch.cat([pieces[i] for i in range(len(rows))])
+    ordered = [pieces[i] for i in range(len(rows))]
+    tensors = {}
+    if isinstance(ordered[0], tuple):  # encoder–decoder: (encoder rows, decoder rows) per example
+        ordered, decoder = zip(*ordered, strict=True)
+        tensors["decoder"] = torch.cat(decoder).contiguous()
+    taps = torch.cat(ordered)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-    save_file({"taps": taps.contiguous(), "lengths": lengths, "labels": labels.contiguous()}, str(path))
+    save_file({"taps": taps.contiguous(), "lengths": lengths, "labels": labels.contiguous(), **tensors}, str(path))
     return {"file": path.name, "examples": len(rows), "rows": taps.shape[0], "bytes": path.stat().st_size,
             "sha256": _sha256_file(path)}
 
@@ -379,9 +433,17 @@ class TapReader:
         key = self.manifest["key"]
         self.layers: tuple[int, ...] = tuple(key["taps"])
         self.positions: Positions = key["positions"]
+        self.decoder_layers: tuple[int, ...] = tuple(key.get("decoder_taps", ()))
         files = [safe_open(str(self.folder / s["file"]), framework="pt") for s in self.manifest["shards"]]
         self._files = files  # keep the mappings open as long as the views below
         self._shards = [f.get_tensor("taps") for f in files]  # zero-copy views of the mapped files
+        self._decoder = [f.get_tensor("decoder") for f in files] if self.decoder_layers else []
+        if self.decoder_layers:  # the candidates' target mask, C×T, as text2text.LabelWords pads it
+            targets = key["targets"]
+            width = max(len(t) for t in targets)
+            self._target_mask = torch.tensor([[k < len(t) for k in range(width)] for t in targets])
+            counts = [f.get_tensor("lengths").numel() for f in files]
+            self._local = [j for n in counts for j in range(n)]  # an example's index within its shard
         lengths = [f.get_tensor("lengths") for f in files]
         self.labels = torch.cat([f.get_tensor("labels") for f in files])
         self.lengths = torch.cat(lengths)
@@ -400,6 +462,7 @@ class TapReader:
     def load(self) -> TapReader:
         """Copy the taps into memory (no more page faults on first touch)."""
         self._shards = [t.clone() for t in self._shards]
+        self._decoder = [t.clone() for t in self._decoder]
         return self
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, Any]]:
@@ -420,7 +483,17 @@ class TapReader:
             padded = flat.new_zeros(len(idx), width, *flat.shape[1:])
             padded[mask] = flat
             taps = Taps({layer: padded[:, :, k] for k, layer in enumerate(self.layers)}, mask.long())
+            if self.decoder_layers:
+                self._add_decoder(taps, idx)
             yield {"taps": taps, "labels": self.labels[idx], "lengths": self.lengths[idx]}
+
+    def _add_decoder(self, taps: Taps, idx: list[int]) -> None:
+        """The decoder's taps of these examples: (B·C)×T×d per layer, rows in LabelWords.expand order."""
+        c, t = self._target_mask.shape
+        rows = torch.stack([self._decoder[self._shard_of[i]].narrow(0, self._local[i] * c * t, c * t) for i in idx])
+        rows = rows.reshape(len(idx) * c, t, *rows.shape[2:])
+        taps.decoder = {layer: rows[:, :, k] for k, layer in enumerate(self.decoder_layers)}
+        taps.decoder_mask = self._target_mask.repeat(len(idx), 1).long()
 
 
 _OPEN: dict[tuple[str, int], TapReader] = {}  # per process: trials in a reused worker share one mapping
@@ -560,8 +633,7 @@ def for_trial(model: SideModel, spec: BackboneSpec, cfg: TrialSettings, splits: 
     statuses = ["hit"] if not missing else []
     if missing:
         sizes = {n: lengths_of(splits[n]) for n in missing}
-        need = sum(estimate_bytes(sizes[n], len(keys[n].taps), spec.d_model, keys[n].positions, cfg.cache_dtype)
-                   for n in missing)
+        need = sum(key_bytes(keys[n], sizes[n], spec.d_model) for n in missing)
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
         if need > cfg.cache_budget_bytes:

@@ -5,7 +5,8 @@ once per node), decides ZeRO-3 on the device the trial runs on (`zero.decide`), 
 method, and picks the data source: the activation cache for side methods, else the live
 backbone. `Trial` then hands the loop batches, a forward, and the step's memory/FLOPs.
 
-A side trial that finds its cache complete does not materialise the backbone: it is built
+A side trial that finds its cache complete does not materialise the backbone (T5 still loads it
+whole: its side models read the LM head and both stacks' norms and first blocks): it is built
 on the meta device and only what the method reads is loaded from the checkpoint — the
 final norm, the blocks the method runs itself (SHERL's last block), whatever `apply`
 copies (LST's pruned init reads every block). Its memory/FLOPs columns are the method's
@@ -252,9 +253,11 @@ def assemble(cfg: Any) -> Trial:
              "backbone_revision": src.revision if src else None,
              "train_size": len(task.train), "metric_name": task.metric_name}
     splits = {"train": task.train, "validation": validation}
-    # Encoder–decoder taps (the decoder's over every candidate target) are not cached yet: T5 side trials run live.
-    use_cache = cfg.cache and info.cacheable and not spec.anatomy.encoder_decoder
-    if use_cache and src is not None and not zero.decide(cfg.zero, side, spec, dtype, device):
+    use_cache = cfg.cache and info.cacheable
+    # Encoder–decoders read their cache with the whole backbone loaded (the LM head, both stacks' norms and
+    # first blocks' position biases are needed): the cache saves the frozen forward, not the load.
+    if use_cache and src is not None and not spec.anatomy.encoder_decoder and \
+            not zero.decide(cfg.zero, side, spec, dtype, device):
         found = _cached_without_backbone(cfg, spec, device, dtype, src, task, validation)
         if found is not None:
             model, readers, loaded = found
@@ -270,8 +273,9 @@ def assemble(cfg: Any) -> Trial:
             task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
     _master_fp32(model)
     readers, reason = None, (f"not cacheable: {cfg.method} trains inside the backbone" if not info.cacheable
-                             else "not cached: encoder–decoder taps run live" if spec.anatomy.encoder_decoder
                              else "off: cache=false")
+    if use_cache and not getattr(model, "taps_frozen", True):
+        use_cache, reason = False, f"not cacheable: this {cfg.method} config backpropagates through the backbone"
     if use_cache:
         readers, reason = cache.for_trial(model, spec, cfg, splits, weights=weights, pad_token_id=task.pad_token_id,
                                           revision=src.revision if src else None)

@@ -150,3 +150,38 @@ def test_the_analysis_judges_the_t5_row_flat():
     verdict = claims.t5_verdict("read")
     assert verdict.verdict == claims.SUPPORTED and verdict.statistic == 0.0 and verdict.n == 3
     assert claims.t5_verdict("lst").verdict == claims.NOT_SUPPORTED  # LST's side blocks grow with d_ff and heads
+
+
+@pytest.mark.parametrize("method", ["read", "lst", "sherl", "probe"])
+def test_cached_encoder_decoder_taps_give_the_live_loss(method, tmp_path):
+    """A cache of both stacks' taps (the decoder's over every class word) feeds forward_taps exactly."""
+    import datasets
+
+    from trainables import cache
+
+    torch.manual_seed(0)
+    spec = get_spec("t5-tiny")
+    backbone = build(spec, "cpu")
+    model = apply_method(method, backbone, spec, {"r": 4} if method in ("lst", "sherl") else {}, n_labels=2)
+    model.set_label_words(LabelWords([[7, 102], [9, 11, 102]], 0))  # targets of different lengths
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (5, 9, 3, 7, 6)]
+    split = datasets.Dataset.from_dict({"input_ids": rows, "labels": [0, 1, 1, 0, 1]})
+    taps, positions = cache.tap_request(model)
+    key = cache.CacheKey(backbone=spec.name, backbone_config="c", weights="w", compute_dtype="float32",
+                         tokenizer="none", task="t", split="train", train_size=5, seed=0, max_length=16,
+                         data=cache.data_digest(split), taps=taps, positions=positions, dtype="fp32",
+                         **cache.decoder_request(model))
+    writer = cache.local_writer(backbone, spec, split, key, pad_token_id=0, batch_size=2)
+    folder, status = cache.ensure(tmp_path, key, cache.lengths_of(split), spec.d_model, writer, shard_bytes=4000)
+    assert status.startswith("built") and len(json.loads((folder / "manifest.json").read_text())["shards"]) > 1
+    from trainables.tasks import batches
+
+    live_batches = list(batches(split, 3, pad_token_id=0))
+    for cached, live in zip(cache.TapReader(folder).batches(3), live_batches, strict=True):
+        with torch.no_grad():
+            a = model.forward_taps(cached["taps"], cached["labels"])
+            b = model(live["input_ids"], live["attention_mask"], live["labels"])
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)

@@ -358,6 +358,11 @@ class SideModel(TaskModel):
     #: True if the loss at the pooled position depends only on that position's taps
     token_local: bool = False
 
+    @property
+    def taps_frozen(self) -> bool:
+        """The taps depend on nothing that trains (so they can be cached); READ's T5 reference variant is not."""
+        return True
+
     def train(self, mode: bool = True) -> SideModel:
         """The frozen backbone stays in eval mode (no dropout), so live taps equal cached ones."""
         super().train(mode)

@@ -114,6 +114,10 @@ class ReadModel(SideModel):
         elif cfg.enc_correction_into_decoder:
             raise ValueError(f"read: enc_correction_into_decoder needs an encoder–decoder backbone, not {spec.name}")
 
+    @property
+    def taps_frozen(self) -> bool:
+        return not self.cfg.enc_correction_into_decoder  # the decoder reads the corrected encoder output
+
     def tap_layers(self) -> list[int]:
         first = 0 if self.cfg.init_from_embedding else 1
         return list(range(first, self.spec.n_layers + 1))
