@@ -81,5 +81,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 INFO = register(MethodInfo(
     name="adapter", family="graft", paper="Houlsby et al. 2019, adapters (arXiv 1902.00751)",
     identity_at_init=True, cacheable=False, config_cls=Config, apply=apply, reference_lr=3e-4,
+    lr_by_family=(("t5", 3e-4),),  # T5: the LST repo's T5-base GLUE value (batch 100)
     note="ours (peft has none): bottleneck d -> d/16 -> d, zero-init up, after attention and FFN outputs",
 ))

@@ -42,6 +42,7 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 INFO = register(MethodInfo(
     name="bitfit", family="graft", paper="Ben Zaken et al. 2021, BitFit (arXiv 2106.10199)", identity_at_init=True,
     cacheable=False, config_cls=Config, apply=apply, reference_lr=4e-4,
+    lr_by_family=(("t5", 3e-4),),  # T5: the LST repo's T5-base GLUE value (batch 100)
     note="ours: trains bias terms only; bias-free families (Llama) get zero-initialised biases on every "
          "block Linear, and only those train",
 ))

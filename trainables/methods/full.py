@@ -30,4 +30,5 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 INFO = register(MethodInfo(
     name="full", family="graft", paper="full fine-tuning (baseline)", identity_at_init=True, cacheable=False,
     config_cls=Config, apply=apply, reference_lr=2e-5,
+    lr_by_family=(("t5", 3e-4),),  # T5: the LST repo's T5-base GLUE value (batch 100)
 ))

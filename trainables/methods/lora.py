@@ -86,6 +86,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 INFO = register(MethodInfo(
     name="lora", family="graft", paper="Hu et al. 2021, LoRA (arXiv 2106.09685)", identity_at_init=True,
     cacheable=False, config_cls=Config, apply=apply, reference_lr=5e-4,
-    lr_by_family=(("bert", 5e-4), ("llama", 2e-4)),
+    lr_by_family=(("bert", 5e-4), ("llama", 2e-4), ("t5", 3e-4)),  # T5: the LST repo's T5-base GLUE value
     note="peft LoraConfig + inject_adapter_in_model; default targets: the family's q and v projections",
 ))

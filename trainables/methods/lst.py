@@ -485,6 +485,7 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 
 INFO = register(MethodInfo(
     name="lst", family="side", paper="Sung, Cho, Bansal 2022, LST, arXiv 2206.06522", identity_at_init=False,
-    cacheable=True, config_cls=Config, apply=apply, reference_lr=1e-3, init_with_data=_fisher_init,
+    cacheable=True, config_cls=Config, apply=apply, reference_lr=1e-3,
+    init_with_data=_fisher_init, lr_by_family=(("t5", 3e-3),),  # T5: the LST repo's T5-base GLUE value (batch 100)
     note="importance='fisher' prunes by Fisher scores over training examples (the loop runs it after apply)",
 ))

@@ -154,5 +154,6 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
 INFO = register(MethodInfo(
     name="sherl", family="side-late", paper="Diao et al. 2024, SHERL, arXiv 2407.07523", identity_at_init=False,
     cacheable=True, config_cls=Config, apply=apply, reference_lr=1e-3,
+    lr_by_family=(("t5", 3e-3),),  # T5: the LST repo's T5-base GLUE value (batch 100)
     note="taps below the last block are cacheable; the frozen last block stays on the gradient path",
 ))
