@@ -68,9 +68,13 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", create_connection)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models on a shared 2-core machine: one thread ran ~7-10x faster than two contended ones."""
+    """Tiny models on a shared 2-core machine: one thread ran ~7-10x faster than two contended ones.
+
+    Autouse: every in-process test computes on one thread (the method-contract table ran ~4x faster
+    on one than on two contended ones). Subprocesses and Ray workers choose their own threads.
+    """
     import torch
 
     threads = torch.get_num_threads()
