@@ -10,14 +10,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from clis import cli_env
+from shared_studies import PLANTED, TINY_STUDY
 
 from study import schema
 
 pytestmark = pytest.mark.integration
-SECRET = "hf_PLANTED_not_a_real_token_7731"
-TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-tiny", "--methods", "read", "lora",
-              "--task", "synthetic", "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none",
-              "--batch-size", "16", "--confirm-seeds", "2", "--train-size", "128"]
+SECRET = PLANTED["HF_TOKEN"]
 
 
 def study_env() -> dict[str, str]:
@@ -28,8 +26,9 @@ def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.Completed
     return clis.run_cli(module, *args, timeout=timeout, env=study_env())
 
 
-def test_tiny_study_writes_exact_schema_and_no_secrets(tmp_path):
-    out = run_cli("study.scaling", *TINY_STUDY, "--storage", str(tmp_path), "--no-memory-estimates")
+def test_tiny_study_writes_exact_schema_and_no_secrets(tiny_study):
+    """shared_studies.TINY_STUDY, run once per session (the `tiny_study` fixture; test_secrets.py checks it too)."""
+    out, tmp_path = tiny_study.proc, tiny_study.storage
     assert out.returncode == 0, out.stderr[-4000:]
     trials = pq.read_table(tmp_path / "scaling" / "trials.parquet")
     epochs = pq.read_table(tmp_path / "scaling" / "epochs.parquet")
