@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -35,14 +37,20 @@ FIGURES = {"01_parameter_scaling": ["parameter_scaling.png"], "02_convergence": 
 
 @pytest.fixture(scope="session")
 def studies(tmp_path_factory) -> dict[str, Path]:
+    """Both studies at once, as two processes (each its own local Ray): most of a tiny study's time is
+    start-up and waiting (imports, Ray, workers), which overlaps on two cores."""
     root = tmp_path_factory.mktemp("analysis-studies")
-    timings = {}
-    for module, args in (("study.scaling", SCALING), ("study.convergence", CONVERGENCE)):
+
+    def timed(module: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
         t0 = time.time()
-        out = run_cli(module, *args, "--storage", str(root), timeout=300)
+        return run_cli(module, *args, "--storage", str(root), timeout=400), time.time() - t0
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = {m: pool.submit(timed, m, a) for m, a in (("study.scaling", SCALING), ("study.convergence", CONVERGENCE))}
+        done = {m: f.result() for m, f in runs.items()}
+    for module, (out, _) in done.items():
         assert out.returncode == 0, f"{module} failed:\n{out.stderr[-4000:]}"
-        timings[module] = time.time() - t0
-    print(f"study timings: {timings}")
+    print(f"study timings: { {m: round(t, 1) for m, (_, t) in done.items()} }")
     return {"scaling": root / "scaling", "convergence": root / "convergence"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -67,20 +68,26 @@ def dry_run(tmp_path: Path, *flags: str) -> dict:
 
 
 def test_plans_follow_the_gpu_budget(tmp_path):
-    big = dry_run(tmp_path, "--gpu-memory-gib", "80")
+    estimated, counted = tmp_path / "estimated", tmp_path / "counted"  # one --storage (and plan cache) each
+    estimated.mkdir()
+    counted.mkdir()
+    # the counts-only plan needs no estimates: it runs beside the first plan, which fills the plan cache
+    with ThreadPoolExecutor(2) as pool:
+        plans = [pool.submit(dry_run, estimated, "--gpu-memory-gib", "80"),
+                 pool.submit(dry_run, counted, "--no-memory-estimates")]
+        big, cpu = (p.result() for p in plans)
     assert big["read", "llama-7b"]["runnable"] and big["lora", "llama-7b"]["runnable"]
     assert {big[m, "llama-7b"]["weights"] for m in ("read", "lora")} == {"pretrained"}
     assert big["read", "llama-7b"]["dtype"] == "bf16" and big["read", "llama-7b"]["where"] == "gpu"
     assert not big["full", "llama-7b"]["runnable"] and "graft method" in big["full", "llama-7b"]["reason"]
 
-    small = dry_run(tmp_path, "--gpu-memory-gib", "24")  # estimates reused from the plan cache
+    small = dry_run(estimated, "--gpu-memory-gib", "24")  # estimates reused from the plan cache
     assert small["read", "llama-7b"]["where"] == "gpu"  # fits as it is
     assert small["read", "llama-13b"]["where"] == "gpu + ZeRO-3" and small["read", "llama-13b"]["zero"]
     assert small["read", "llama-13b"]["peak_bytes"] < 24 * 2**30
     lora13 = small["lora", "llama-13b"]
     assert not lora13["runnable"] and "> 21.6 GiB per GPU" in lora13["reason"] and "graft" in lora13["reason"]
 
-    cpu = dry_run(tmp_path, "--no-memory-estimates")
     if not torch.cuda.is_available():  # no GPU: llama-7b and -13b are estimated only, each with its reason
         assert set(cpu) == set(big) and not any(p["runnable"] for p in cpu.values())
         assert all("too slow on cpu" in p["reason"] for p in cpu.values())
