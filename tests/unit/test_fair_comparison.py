@@ -319,3 +319,14 @@ def test_the_default_budget_measures_methods():
     assert 100 / s.max_eval_examples <= 0.2
     assert "probe" in scaling.DEFAULT_METHODS and "probe" in scaling.QUICK_METHODS
     assert all(backbones.weights_here(backbones.get_spec(b)) or b.startswith("llama-") for b in scaling.DEFAULT_RUN_BACKBONES)
+
+
+def test_summary_search_column_is_the_best_search_trial_not_a_confirm_seed():
+    from study.collect import summary_table
+
+    rows = [dict(method="full", backbone="m", status="ok", role="search", best_metric=0.78, seed=0),
+            dict(method="full", backbone="m", status="ok", role="search", best_metric=0.70, seed=0),
+            dict(method="full", backbone="m", status="ok", role="confirm", best_metric=0.82, seed=1),
+            dict(method="full", backbone="m", status="ok", role="confirm", best_metric=0.80, seed=2)]
+    line = summary_table(rows).splitlines()[2]
+    assert " 0.780 " in line and "0.810 [0.800, 0.820]" in line
