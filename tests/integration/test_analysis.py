@@ -1,7 +1,8 @@
 """The analysis notebooks end to end: two small real studies, then `python -m analysis.report` on them.
 
-The studies run once per session (a scaling study planned up to llama-70b, so the
-parameter-scaling notebook sees every registered size, and a convergence study); the
+The studies run once per session (shared_studies.py: the tiny scaling study, planned up to
+llama-70b so the parameter-scaling notebook sees every registered size, which test_study.py
+and test_secrets.py check too, and a convergence study, both at once); the
 report executes every notebook with papermill and must leave one well-formed verdict per
 claim, the figures, and executed copies that ran on this interpreter.
 """
@@ -10,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -24,34 +22,17 @@ from jupyter_client.kernelspec import KernelSpecManager
 from analysis import claims, report
 
 pytestmark = pytest.mark.integration
-SCALING = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-70b", "--methods", "read", "lora", "full",
-           "probe", "--task", "synthetic", "--trials-per-method", "1", "--epochs", "3", "--cost-runs", "none",
-           "--train-size", "128", "--confirm-seeds", "2",
-           # meta-device memory estimates up to 70B take minutes on 2 cores; counts alone take seconds
-           "--no-memory-estimates"]
-CONVERGENCE = ["--backbone", "llama-tiny", "--methods", "read", "lora", "--task", "synthetic", "--sizes", "32", "64",
-               "--seeds", "0", "1", "--epochs", "3"]
 FIGURES = {"01_parameter_scaling": ["parameter_scaling.png"], "02_convergence": ["convergence.png"],
            "03_memory_energy": ["memory_energy.png"], "04_quality_per_cost": ["pareto_memory.png", "pareto_params.png"]}
 
 
 @pytest.fixture(scope="session")
-def studies(tmp_path_factory) -> dict[str, Path]:
-    """Both studies at once, as two processes (each its own local Ray): most of a tiny study's time is
-    start-up and waiting (imports, Ray, workers), which overlaps on two cores."""
-    root = tmp_path_factory.mktemp("analysis-studies")
-
-    def timed(module: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-        t0 = time.time()
-        return run_cli(module, *args, "--storage", str(root), timeout=400), time.time() - t0
-
-    with ThreadPoolExecutor(2) as pool:
-        runs = {m: pool.submit(timed, m, a) for m, a in (("study.scaling", SCALING), ("study.convergence", CONVERGENCE))}
-        done = {m: f.result() for m, f in runs.items()}
-    for module, (out, _) in done.items():
-        assert out.returncode == 0, f"{module} failed:\n{out.stderr[-4000:]}"
-    print(f"study timings: { {m: round(t, 1) for m, (_, t) in done.items()} }")
-    return {"scaling": root / "scaling", "convergence": root / "convergence"}
+def studies(shared_runs) -> dict[str, Path]:
+    """shared_studies.py's two studies (conftest.py runs them once per session, at once)."""
+    for module, run in shared_runs.items():
+        assert run.proc.returncode == 0, f"study.{module} failed:\n{run.proc.stderr[-4000:]}"
+    return {"scaling": shared_runs["scaling"].storage / "scaling",
+            "convergence": shared_runs["convergence"].storage / "convergence"}
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from clis import cli_env
-from shared_studies import PLANTED, TINY_STUDY
+from shared_studies import METHODS, PLANTED
 
 from study import schema
 
 pytestmark = pytest.mark.integration
 SECRET = PLANTED["HF_TOKEN"]
+KILLED_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-tiny", "--methods", "full",
+                "--task", "synthetic", "--trials-per-method", "3", "--epochs", "3", "--cost-runs", "none",
+                "--batch-size", "16", "--confirm-seeds", "0", "--train-size", "128"]
 
 
 def study_env() -> dict[str, str]:
@@ -27,7 +30,8 @@ def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.Completed
 
 
 def test_tiny_study_writes_exact_schema_and_no_secrets(tiny_study):
-    """shared_studies.TINY_STUDY, run once per session (the `tiny_study` fixture; test_secrets.py checks it too)."""
+    """shared_studies.TINY_STUDY (4 methods × 2 tiny backbones, planned up to llama-70b), run once per session
+    (the `tiny_study` fixture; test_secrets.py and test_analysis.py use the same run)."""
     out, tmp_path = tiny_study.proc, tiny_study.storage
     assert out.returncode == 0, out.stderr[-4000:]
     trials = pq.read_table(tmp_path / "scaling" / "trials.parquet")
@@ -40,11 +44,15 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tiny_study):
     assert epochs.schema.names == schema.EPOCH_COLUMNS
     everything = trials.to_pandas()
     planned, df = everything[everything.status == "estimated"], everything[everything.status != "estimated"]
-    assert len(planned) == 2 * 2 and planned.params_trainable.gt(0).all()  # the plan: one row per pair
-    assert len(df) == 2 * 2 * 2 + 2 * 2 * 2  # 2 search trials, then the best re-run with 2 seeds, per pair
+    n_pairs = len(METHODS) * 2
+    # the plan: one row per method × planned backbone (the two run here and the ladder up to llama-70b)
+    assert {"llama-tiny", "bert-tiny", "llama-7b", "llama-70b"} <= set(planned.backbone)
+    assert len(planned) == len(METHODS) * planned.backbone.nunique() and not planned.duplicated(["method", "backbone"]).any()
+    assert (planned.params_trainable.gt(0) | planned.method.eq("probe")).all() and planned.params_head.gt(0).all()
+    assert len(df) == n_pairs * 2 + n_pairs * 2  # 2 search trials, then the best re-run with 2 seeds, per pair
     assert set(df.status) == {"ok"}, df[["method", "backbone", "status", "error"]]
     assert df.groupby(["method", "backbone", "role"]).size().eq(2).all()
-    assert df["hp.lr"].notna().all() and df["params_trainable"].gt(0).all()
+    assert df["hp.lr"].notna().all() and (df.params_trainable.gt(0) | df.method.eq("probe")).all()
     assert set(df.pooling) == {"last", "first"} and planned.pooling.notna().all()
     confirm = df[df.role == "confirm"]
     assert sorted(set(confirm.seed)) == [1, 2]  # fresh seeds; the search ran seed 0
@@ -53,7 +61,7 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tiny_study):
         top = search[search.best_metric == search.best_metric.max()]
         assert len(set(g["hp.lr"])) == 1 and set(g["hp.lr"]) <= set(top["hp.lr"]), (method, backbone)
     quality = pd.read_parquet(tmp_path / "scaling" / "quality.parquet")
-    assert len(quality) == 4 and quality.seeds.eq(2).all() and quality.search_trials.eq(2).all()
+    assert len(quality) == n_pairs and quality.seeds.eq(2).all() and quality.search_trials.eq(2).all()
     assert (quality.ci_low <= quality["mean"]).all() and (quality["mean"] <= quality.ci_high).all()
     assert "quality: mean [95% CI]" in out.stdout
     ep = pd.read_parquet(tmp_path / "scaling" / "epochs.parquet")
@@ -65,9 +73,7 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tiny_study):
 
 
 def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
-    args = [*TINY_STUDY, "--methods", "full", "--trials-per-method", "3", "--epochs", "3", "--confirm-seeds", "0",
-            "--storage",
-            str(tmp_path), "--no-memory-estimates", "--name", "resume"]
+    args = [*KILLED_STUDY, "--storage", str(tmp_path), "--no-memory-estimates", "--name", "resume"]
     exp = tmp_path / "resume" / "tune"
     # killed once some trial has finished at least one epoch
     clis.kill_when("study.scaling", *args, env=study_env(), ready=lambda: any(exp.glob("*/epochs.jsonl")))
