@@ -77,7 +77,7 @@ def needs_of(group: Group) -> list[Need]:
     backbone = build(spec, "cpu" if weights == "random" else "meta", dtype=dtype)
     model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels, pooling=cfg.pooling)
     if model.text2text and cfg.task != "synthetic":  # the task's class words, as the trial will score them
-        model.set_label_words(label_words(cfg, spec, backbone, task.n_labels))
+        model.set_label_words(label_words(cfg, spec, backbone, task))
     if not model.taps_frozen:
         return []
     keys = cache.trial_keys(model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights)

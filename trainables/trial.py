@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -205,25 +206,34 @@ class Trial:
             self.partitioned.close()  # release the ZeRO engine's hooks and partitions
 
 
-def _apply(cfg: Any, backbone: nn.Module, spec: BackboneSpec, n_labels: int,
+def _apply(cfg: Any, backbone: nn.Module, spec: BackboneSpec, task: tasks.TaskData,
            device: torch.device | None = None) -> TaskModel:
     """The method on the backbone, its own weights drawn from the trial's seed whatever the backbone's path."""
     torch.manual_seed(cfg.seed)
     with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
-        model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=n_labels,
+        model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels,
                              pooling=cfg.pooling, device=device)
     if model.text2text and cfg.task != "synthetic":  # the task's class words as T5 targets
-        model.set_label_words(label_words(cfg, spec, backbone, n_labels))
+        model.set_label_words(label_words(cfg, spec, backbone, task))
     return model
 
 
-def label_words(cfg: Any, spec: BackboneSpec, backbone: nn.Module, n_labels: int) -> LabelWords:
-    """Text-to-text targets: the task's class words, or for regression the 0.2-step grid written out."""
+def label_words(cfg: Any, spec: BackboneSpec, backbone: nn.Module, task: tasks.TaskData) -> LabelWords:
+    """Text-to-text targets: the task's class words, or for regression the 0.2-step grid written out,
+    spanning the training labels (STS-B: 0.0–5.0), so no target is silently clamped."""
     tokenizer = load_tokenizer(spec)
-    if n_labels == 1:
-        grid = regression_grid()
+    if task.n_labels == 1:
+        labels = task.train["labels"]
+        grid = regression_grid(math.floor(min(labels) * 5) / 5, math.ceil(max(labels) * 5) / 5)
+        if len(grid) > MAX_REGRESSION_TARGETS:
+            raise ValueError(f"{cfg.task}: regression labels span {min(labels):g}..{max(labels):g}, "
+                             f"{len(grid)} values at T5's 0.2 step (at most {MAX_REGRESSION_TARGETS}: every one "
+                             "is scored each step); rescale the labels, e.g. to 0-5 as STS-B")
         return LabelWords.from_names(tokenizer, [f"{v:.1f}" for v in grid], backbone.config, grid)
-    return LabelWords.from_names(tokenizer, tasks.class_names(cfg.task, n_labels), backbone.config)
+    return LabelWords.from_names(tokenizer, tasks.class_names(cfg.task, task.n_labels), backbone.config)
+
+
+MAX_REGRESSION_TARGETS = 101  # a 0-20 range at 0.2; STS-B needs 26
 
 
 def _cached_without_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, src: Source,
@@ -232,7 +242,7 @@ def _cached_without_backbone(cfg: Any, spec: BackboneSpec, device: torch.device,
     backbone = build(spec, "meta", dtype=dtype)
     loaded = backbones.materialise(backbone, spec, _param_names(backbone, zero.apply_reads(backbone, spec, cfg.method)),
                                    src, device, dtype)
-    model = _apply(cfg, backbone, spec, task.n_labels, device)
+    model = _apply(cfg, backbone, spec, task, device)
     readers = cache.find(model, spec, cfg, {"train": task.train, "validation": validation}, weights="pretrained",
                          revision=src.revision)
     if readers is None:
@@ -267,7 +277,7 @@ def assemble(cfg: Any) -> Trial:
                          facts["backbone_revision"], readers=readers, cache_reason="hit (backbone not materialised)",
                          backbone_bytes_loaded=loaded, facts=facts)
     backbone, partitioned = frozen_backbone(cfg, spec, device, dtype, weights, src)
-    model = _apply(cfg, backbone, spec, task.n_labels)
+    model = _apply(cfg, backbone, spec, task)
     if info.init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
         info.init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
             task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))

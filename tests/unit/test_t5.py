@@ -185,3 +185,21 @@ def test_cached_encoder_decoder_taps_give_the_live_loss(method, tmp_path):
             b = model(live["input_ids"], live["attention_mask"], live["labels"])
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_regression_grid_spans_the_labels_and_refuses_a_huge_range():
+    from types import SimpleNamespace
+
+    from trainables.trial import label_words
+
+    cfg = SimpleNamespace(task="file:x.csv")
+    config = build("t5-tiny").config
+    stsb = SimpleNamespace(n_labels=1, train={"labels": [0.0, 2.3, 5.0]})
+    words = label_words(cfg, get_spec("t5-tiny"), SimpleNamespace(config=config), stsb)
+    assert words.n == 26 and words.values[0] == 0.0 and words.values[-1] == 5.0
+    shifted = SimpleNamespace(n_labels=1, train={"labels": [-1.1, 7.9]})
+    words = label_words(cfg, get_spec("t5-tiny"), SimpleNamespace(config=config), shifted)
+    assert words.values[0].item() == pytest.approx(-1.2) and words.values[-1].item() == pytest.approx(8.0)
+    huge = SimpleNamespace(n_labels=1, train={"labels": [0.0, 100.0]})
+    with pytest.raises(ValueError, match="rescale the labels"):
+        label_words(cfg, get_spec("t5-tiny"), SimpleNamespace(config=config), huge)
