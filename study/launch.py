@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.spaces import split_hp
 from study.storage import Location, tune_storage
+from trainables.methods import get_method
 from trainables.ray_trainable import OBJECTIVE, TrialTrainable
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the study folder
@@ -45,6 +47,32 @@ class Group:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
 
 
+def longest_first(groups: Sequence[Group]) -> list[Group]:
+    """The groups in the order their trials should start: the longest first, so that no slot idles at the end.
+
+    Tune starts trials in the order the searcher hands them out (round-robin over groups here), and a
+    study waits for its slowest trial. Started last, full fine-tuning's trials (several times any other
+    method's) run alone while the other slots idle; started first, the short ones fill in around them
+    (longest-processing-time first). The expected cost is a rank, not a timing: trials that backpropagate
+    through the backbone (full fine-tuning, then the other graft methods) before side methods, which read a
+    cached frozen forward; within a rank, more optimisation examples (epochs × train size) first; one-short
+    cost runs last. The order changes only when trials start, not what they compute (each group's sampler
+    seed comes from its name, see GroupedSearch).
+    """
+    def key(g: Group) -> tuple:
+        family = get_method(g.run["method"]).family
+        rank = 0 if g.run["method"] == "full" else 1 if family == "graft" else 2
+        work = int(g.run.get("epochs", 1)) * int(g.run.get("train_size", 0))
+        return g.run.get("max_train_batches") is not None, rank, -work
+
+    return sorted(groups, key=key)  # stable: equal keys keep the caller's order
+
+
+def group_seed(seed: int, name: str) -> int:
+    """A group's sampler seed: from the study seed and the group's name, so it does not depend on the order."""
+    return (seed + zlib.crc32(name.encode())) % 2**31
+
+
 class GroupedSearch(Searcher):
     """One seeded OptunaSearch per group, handed trials round-robin until each budget is spent."""
 
@@ -54,8 +82,9 @@ class GroupedSearch(Searcher):
         self.order = [g.name for g in groups]
         self.left = {g.name: g.n_trials for g in groups}
         self.subs = {g.name: OptunaSearch(space=g.space, metric=metric, mode=mode,
-                                          sampler=TPESampler(seed=seed + i, n_startup_trials=max(2, g.n_trials // 3)))
-                     for i, g in enumerate(groups) if g.space}
+                                          sampler=TPESampler(seed=group_seed(seed, g.name),
+                                                             n_startup_trials=max(2, g.n_trials // 3)))
+                     for g in groups if g.space}
         self.owner: dict[str, str] = {}
         self.turn = 0
 
@@ -216,7 +245,7 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         return tuner.fit()
-    searcher = GroupedSearch(groups, metric=OBJECTIVE, mode="max", seed=seed)
+    searcher = GroupedSearch(longest_first(groups), metric=OBJECTIVE, mode="max", seed=seed)
     scheduler = (GroupedASHA(OBJECTIVE, "max", max_t={g.name: int(g.run.get("epochs", 1)) for g in groups})
                  if early_stopping else FIFOScheduler())
     tuner = tune.Tuner(
