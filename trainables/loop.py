@@ -45,6 +45,7 @@ import transformers
 from trainables import tasks
 from trainables.backbones import build, get_spec
 from trainables.energy import EnergyMeter
+from trainables.memory import adamw
 from trainables.methods import apply_method, get_method
 from trainables.methods.base import Pooling, TaskModel, config_from_dict
 from trainables.trial import Trial, assemble, device_name, eval_subset, frozen_backbone, load_data, resolve  # noqa: F401 (re-exported)
@@ -360,7 +361,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         summary |= trial.facts | model.param_counts()  # full sizes also for a partitioned or meta backbone
         summary |= {"cache_hit": trial.readers is not None, "cache_reason": trial.cache_reason}
         params = [p for _, p in model.trainable_named_parameters()]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = adamw(params, cfg.learning_rate, cfg.weight_decay)
         scheduler, steps_per_epoch = schedule(optimizer, cfg, len(task.train))
 
         # ---- resume, or measure once on the first batch (memory, FLOPs) without touching the model

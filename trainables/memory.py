@@ -118,9 +118,24 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float = 0.01,
+          foreach: bool | None = None) -> torch.optim.AdamW:
+    """The study's optimizer, in every trial and every memory measurement.
+
+    `foreach=None` picks the kernel training uses on the parameters' device: torch's fused
+    AdamW on CPU (the same update to ~1e-7, and ~6× faster than AdamW's CPU default, a
+    per-parameter loop: 0.04 s against 0.28 s a step for MiniLM-L6's 22.6M parameters, measured
+    here), AdamW's own choice elsewhere (foreach on CUDA). True or False force the foreach or
+    per-parameter kernel (an estimate of a CUDA step, fake tensors being CPU tensors).
+    """
+    if foreach is None and params and all(p.device.type == "cpu" for p in params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
+
+
 def _make_optimizer(params: list[nn.Parameter], lr: float, foreach: bool | None) -> torch.optim.AdamW:
     """AdamW with its state created by one zero-gradient step (weights are restored by the caller)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, foreach=foreach)
+    optimizer = adamw(params, lr, foreach=foreach)
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -190,8 +205,8 @@ def measure_step(model: nn.Module, batch: Mapping[str, torch.Tensor], *, lr: flo
     """Peak memory of one real training step of `model` on `batch`; leaves the model as it was.
 
     Source ``cuda`` if the model's parameters are on a GPU, else ``tracked``. The step runs
-    under whatever autocast context the caller holds. `foreach=None` lets AdamW choose as
-    it would in training (foreach on CUDA, a per-parameter loop on CPU).
+    under whatever autocast context the caller holds. `foreach=None` picks the kernel the
+    trial trains with (`adamw`: fused on CPU, foreach on CUDA).
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -312,8 +327,8 @@ def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None 
     Mirrors trainables.loop: backbone in `dtype`, trainables in fp32 (`master_fp32`), the
     forward under autocast(`dtype`) when `dtype` is not fp32, backward and AdamW step
     outside it. `foreach=True` is what AdamW picks on CUDA, where estimated sizes run;
-    pass False to mirror the CPU's per-parameter loop (as `study.bench` does to compare
-    with a tracked CPU step). Fake tensors are CPU tensors, so kernel choices (e.g. the
+    pass None to mirror a CPU trial's fused kernel (as `study.bench` does to compare with a
+    tracked CPU step). Fake tensors are CPU tensors, so kernel choices (e.g. the
     attention kernel) are the CPU's; GPU kernels with other workspaces are not modelled.
     Boolean-mask selections are taken as selecting everything (see `_AllTrueMasks`).
     """

@@ -30,10 +30,12 @@ def test_tracked_full_matches_hand_count():
     report = memory.measure_step(model, batch_for("llama-tiny", 2, 8))
     assert report.source == "tracked"
     assert report.params == n * 4 + buffers
-    # tiny activations: the peak is inside the AdamW step, where every gradient is live
-    assert report.grads == n * 4
     # AdamW: exp_avg and exp_avg_sq per parameter, plus one fp32 `step` scalar per tensor
     assert report.optimizer == 2 * n * 4 + 4 * len(params)
+    # the fused step makes no temporaries, so the peak may fall late in backward; it is at least the moment
+    # the step starts, when every gradient is live beside the weights and the state
+    assert 0 < report.grads <= n * 4
+    assert report.peak_bytes >= report.params + n * 4 + report.optimizer
     assert report.activations >= 0
     assert report.peak_bytes == report.params + report.grads + report.optimizer + report.activations
 
@@ -69,7 +71,7 @@ def test_estimate_matches_tracked(backbone, method):
     b, t = 4, 16
     tracked = memory.measure_step(tiny(method, backbone), batch_for(backbone, b, t))
     estimated = memory.estimate_step(backbone, method, None, batch_size=b, seq_len=t, dtype=torch.float32,
-                                     foreach=False)  # the CPU's AdamW loop, as the tracked step ran
+                                     foreach=None)  # the CPU trials' fused AdamW, as the tracked step ran
     assert estimated.source == "estimated"
     assert abs(estimated.peak_bytes / tracked.peak_bytes - 1) <= 0.10
     for category in ("params", "grads", "optimizer"):
