@@ -23,6 +23,7 @@ from study.storage import Location, StorageError, is_uri
 from trainables import backbones, loop, tasks
 from trainables.methods import REGISTRY, get_method
 from trainables.tasks import TASK_NAMES
+from trainables.text2text import regression_targets
 
 
 class UsageError(ValueError):
@@ -101,7 +102,8 @@ def check_runs(runs: Sequence[dict[str, Any]]) -> None:
         try:
             cfg = loop.RunConfig.from_dict(run)
             loop.validate(cfg)
-            key = (cfg.task, cfg.text_col, cfg.label_col, cfg.train_size, cfg.seed)
+            text2text = backbones.get_spec(cfg.backbone).anatomy.encoder_decoder
+            key = (cfg.task, cfg.text_col, cfg.label_col, cfg.train_size, cfg.seed, text2text)
             if key in seen:
                 continue
             seen.add(key)
@@ -110,8 +112,10 @@ def check_runs(runs: Sequence[dict[str, Any]]) -> None:
                 tasks.load_task(cfg.task, None, max_length=cfg.max_length, train_size=cfg.train_size,
                                 seed=cfg.seed, vocab_size=vocab)
                 continue
-            _, _, _, notes = tasks.load_raw(cfg.task, train_size=cfg.train_size, seed=cfg.seed,
-                                            text_col=cfg.text_col, label_col=cfg.label_col)
+            splits, n_labels, _, notes = tasks.load_raw(cfg.task, train_size=cfg.train_size, seed=cfg.seed,
+                                                        text_col=cfg.text_col, label_col=cfg.label_col)
+            if text2text and n_labels == 1:  # T5 writes the labels out as words: their range must be scorable
+                regression_targets(splits["train"].labels, cfg.task)
         except (ValueError, OSError, RuntimeError) as e:
             raise UsageError(" ".join(str(e).split())) from None
         for note in dict.fromkeys(notes):

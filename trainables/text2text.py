@@ -15,6 +15,7 @@ task's class names (`LabelWords.from_names`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,22 @@ def regression_grid(lo: float = REGRESSION_RANGE[0], hi: float = REGRESSION_RANG
     """The values a regression target is rounded to (STS-B: 0.0, 0.2, …, 5.0: 26 candidates)."""
     n = round((hi - lo) / REGRESSION_STEP)
     return [round(lo + k * REGRESSION_STEP, 1) for k in range(n + 1)]
+
+
+MAX_REGRESSION_TARGETS = 101  # a 0-20 range at 0.2; STS-B needs 26
+
+
+def regression_targets(labels: Sequence[float], task: str) -> list[float]:
+    """The grid a task's regression labels are written on: spanning its training labels (STS-B: 0.0–5.0),
+    so no target is silently clamped. ValueError when that takes more candidates than are worth scoring
+    (a study checks this before anything starts)."""
+    lo, hi = min(labels), max(labels)
+    grid = regression_grid(math.floor(lo * 5) / 5, math.ceil(hi * 5) / 5)
+    if len(grid) > MAX_REGRESSION_TARGETS:
+        raise ValueError(f"{task}: regression labels span {lo:g}..{hi:g}, {len(grid)} values at T5's 0.2 step (at "
+                         f"most {MAX_REGRESSION_TARGETS}: every one is scored each step); rescale the labels, e.g. "
+                         "to 0-5 as STS-B")
+    return grid
 
 
 class LabelWords(nn.Module):

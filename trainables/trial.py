@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from trainables.backbones import BackboneSpec, Source, build, get_spec, load_tok
 from trainables.energy import flops_per_step
 from trainables.methods import apply_method, get_method
 from trainables.methods.base import Output, Taps, TaskModel
-from trainables.text2text import LabelWords, regression_grid
+from trainables.text2text import LabelWords, regression_targets
 
 MEASURE_KEYS = ("flops_per_step", "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes",
                 "memory_optimizer_bytes", "memory_activations_bytes", "memory_source")
@@ -223,17 +222,9 @@ def label_words(cfg: Any, spec: BackboneSpec, backbone: nn.Module, task: tasks.T
     spanning the training labels (STS-B: 0.0–5.0), so no target is silently clamped."""
     tokenizer = load_tokenizer(spec)
     if task.n_labels == 1:
-        labels = task.train["labels"]
-        grid = regression_grid(math.floor(min(labels) * 5) / 5, math.ceil(max(labels) * 5) / 5)
-        if len(grid) > MAX_REGRESSION_TARGETS:
-            raise ValueError(f"{cfg.task}: regression labels span {min(labels):g}..{max(labels):g}, "
-                             f"{len(grid)} values at T5's 0.2 step (at most {MAX_REGRESSION_TARGETS}: every one "
-                             "is scored each step); rescale the labels, e.g. to 0-5 as STS-B")
+        grid = regression_targets([float(v) for v in task.train["labels"]], cfg.task)
         return LabelWords.from_names(tokenizer, [f"{v:.1f}" for v in grid], backbone.config, grid)
     return LabelWords.from_names(tokenizer, tasks.class_names(cfg.task, task.n_labels), backbone.config)
-
-
-MAX_REGRESSION_TARGETS = 101  # a 0-20 range at 0.2; STS-B needs 26
 
 
 def _cached_without_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, src: Source,

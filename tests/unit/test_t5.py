@@ -203,3 +203,14 @@ def test_t5_regression_grid_spans_the_labels_and_refuses_a_huge_range():
     huge = SimpleNamespace(n_labels=1, train={"labels": [0.0, 100.0]})
     with pytest.raises(ValueError, match="rescale the labels"):
         label_words(cfg, get_spec("t5-tiny"), SimpleNamespace(config=config), huge)
+
+
+def test_a_study_refuses_an_unscorable_t5_regression_range_before_anything_starts(tmp_path):
+    from study import runner
+
+    csv = tmp_path / "scores.csv"
+    csv.write_text("text,label\n" + "".join(f"text number {i},{i * 2.5}\n" for i in range(40)))  # 0..97.5
+    run = {"backbone": "t5-tiny", "method": "read", "task": f"file:{csv}", "train_size": 20}
+    with pytest.raises(runner.UsageError, match="rescale the labels"):
+        runner.check_runs([run])
+    runner.check_runs([{**run, "backbone": "bert-tiny"}])  # a regression head has no range to write out
