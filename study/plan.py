@@ -189,16 +189,21 @@ def zero_peak(mem: dict[str, Any], spec: backbones.BackboneSpec, dtype: torch.dt
 
 
 def plan_pairs(methods: Sequence[str], backbone_names: Sequence[str], *, batch_size: int, seq_len: int,
-               budget: Budget, estimate: bool = True, cache_file: Path | None = None,
+               budget: Budget, estimate: bool | Sequence[str] = True, cache_file: Path | None = None,
                progress: Callable[[str], None] = lambda s: None) -> list[PairPlan]:
-    """Counts (meta device) and memory estimates (fake tensors, Ray tasks) for every pair, and where each runs."""
+    """Counts (meta device) and memory estimates (fake tensors, Ray tasks) for every pair, and where each runs.
+
+    `estimate`: True estimates every pair, False none, a list of backbone names those backbones' pairs
+    (the others keep their counts; without an estimate a pair's fit is judged on its weights alone).
+    """
     from trainables.zero import weight_bytes
 
     gpu = budget.device == "cuda"
     dtype = "bfloat16" if gpu else "float32"
     pairs = [(m, b) for b in backbone_names for m in methods]
-    memory = (estimate_memory(pairs, batch_size=batch_size, seq_len=seq_len, dtype=dtype, cache_file=cache_file,
-                              progress=progress) if estimate else {})
+    chosen = set(backbone_names) if estimate is True else set(estimate or ())
+    memory = estimate_memory([(m, b) for m, b in pairs if b in chosen], batch_size=batch_size, seq_len=seq_len,
+                             dtype=dtype, cache_file=cache_file, progress=progress) if chosen else {}
     resources = {"cpu": budget.cpus_per_trial, **({"gpu": budget.gpus_per_trial} if budget.gpus_per_trial else {})}
     gib = 2**30
     plans: list[PairPlan] = []

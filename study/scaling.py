@@ -1,7 +1,8 @@
 """`python -m study.scaling`: methods × the backbone ladder, searched and run on Ray Tune.
 
-Plans first (meta-device counts and memory estimates for every pair), then runs what
-fits this machine and records the rest as `estimated` rows. With no flags it runs the
+Plans first (meta-device counts for every pair; fake-tensor memory estimates for every pair on
+GPUs, and on CPU for the pairs that run and the ladder's top, --estimate-ladder for all), then
+runs what fits this machine and records the rest as `estimated` rows. With no flags it runs the
 embedded default: pretrained MiniLM-L6 for quality (fewer backbones rather than thin
 budgets), a random Llama for cost (memory, throughput; one short epoch — its accuracy means
 nothing), vader-movies, and the methods the study's claims are about: the linear probe (the
@@ -76,6 +77,16 @@ def ladder(max_model: str, gpu: bool = False) -> list[str]:
     return [n for size, n in sorted(sized) if size <= top]
 
 
+def to_estimate(args: argparse.Namespace, gpu: bool, run_backbones: list[str], all_backbones: list[str]) -> list[str]:
+    """The backbones whose pairs get memory estimates: all on GPUs (every pair may run: its estimate decides
+    where), in a dry run (the plan is the point) and with --estimate-ladder; on CPU those that run and the top."""
+    if args.no_memory_estimates:
+        return []
+    if gpu or args.dry_run or args.estimate_ladder:
+        return all_backbones
+    return list(dict.fromkeys([*run_backbones, args.max_model]))
+
+
 def print_plan(pairs: list[plan.PairPlan], budget: plan.Budget, as_json: bool, run_backbones: list[str]) -> None:
     """The --dry-run output: every pair, where it runs with which weights and dtype, its peak, or why not."""
     pairs = [p if not p.runnable or p.backbone in run_backbones else
@@ -110,6 +121,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 3; 0: no confirm phase, quality is then the search best without a CI)")
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke study")
     p.add_argument("--no-memory-estimates", action="store_true", help="skip the per-pair memory estimates")
+    p.add_argument("--estimate-ladder", action="store_true",
+                   help="estimate the memory of every ladder pair, also those that do not run here (always on GPUs "
+                        "and with --dry-run; on CPU by default only the pairs that run and --max-model's: the "
+                        "other rungs' fake-tensor steps take ~3 of a 2-core laptop's minutes)")
     p.add_argument("--cost-runs", choices=["random", "none"], default="random",
                    help="'random': random-weight backbones get one short cost run per method (memory, speed); "
                         "'none': train them like pretrained ones")
@@ -150,12 +165,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     all_backbones = list(dict.fromkeys(run_backbones + planned))
+    estimated = to_estimate(args, gpu, run_backbones, all_backbones)
     runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones: meta-device counts"
-               + ("" if args.no_memory_estimates else " and fake-tensor memory estimates (Ray tasks)"))
+               + (f" and fake-tensor memory estimates for {len(estimated)} backbones (Ray tasks)" if estimated else ""))
     launch.init_ray(args.address)
     pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
-                            budget=budget, estimate=not args.no_memory_estimates,
-                            cache_file=runner.plan_cache(args.storage), progress=runner.log)
+                            budget=budget, estimate=estimated, cache_file=runner.plan_cache(args.storage),
+                            progress=runner.log)
     if args.dry_run:
         print_plan(pairs, budget, args.json, run_backbones)
         return

@@ -55,11 +55,17 @@ def resolve(cfg: Any) -> tuple[torch.device, torch.dtype, str]:
 
 def eval_subset(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
     """At most n examples, the same fixed random ones for every trial (splits keep file order,
-    which may be sorted by label, so the first n could all be one class)."""
-    if n is None or len(split) <= n:
-        return split
-    keep = np.random.default_rng(0).permutation(len(split))[:n]
-    return split.select(sorted(keep.tolist()))
+    which may be sorted by label, so the first n could all be one class), shortest first.
+
+    Evaluation pads each batch to its longest row; in length order a batch holds rows of about one
+    length (vader-movies at 32 tokens: 19% fewer tokens through the backbone). The metrics do not
+    depend on the order."""
+    keep = range(len(split)) if n is None or len(split) <= n else np.random.default_rng(0).permutation(len(split))[:n]
+    lengths = [len(ids) for ids in split["input_ids"]] if "input_ids" in split.column_names else None
+    order = sorted(int(i) for i in keep)
+    if lengths is not None:
+        order.sort(key=lambda i: lengths[i])  # stable: equal lengths keep file order
+    return split if order == list(range(len(split))) else split.select(order)
 
 
 def load_data(cfg: Any, spec: BackboneSpec) -> tuple[tasks.TaskData, datasets.Dataset]:

@@ -300,3 +300,18 @@ def test_lst_fisher_init_runs_on_training_batches(tmp_path):
     cfg = config("lst", method_config={"r": 4, "importance": "fisher", "fisher_examples": 8}, epochs=1)
     summary = train(cfg, tmp_path)
     assert summary["status"] == "ok", summary["error"]
+
+
+def test_eval_subset_is_the_fixed_random_subset_shortest_first():
+    import datasets
+    import numpy as np
+
+    rows = [[1] * (1 + (7 * i) % 13) for i in range(40)]
+    split = datasets.Dataset.from_dict({"input_ids": rows, "labels": [i % 2 for i in range(40)]})
+    picked = trial.eval_subset(split, 25)
+    fixed = sorted(np.random.default_rng(0).permutation(40)[:25].tolist())  # the subset every trial evaluates
+    assert sorted(map(tuple, picked["input_ids"])) == sorted(tuple(rows[i]) for i in fixed)
+    lengths = [len(r) for r in picked["input_ids"]]
+    assert lengths == sorted(lengths)  # one length per batch, about: little padding
+    everything = trial.eval_subset(split, None)
+    assert len(everything) == 40 and [len(r) for r in everything["input_ids"]] == sorted(len(r) for r in rows)
