@@ -243,9 +243,12 @@ def test_summary_table_prints_ci_and_flags_methods_below_the_probe():
 
     trials = [_row("probe", 0.70)] + [_row("probe", v, "confirm", s) for s, v in ((1, 0.70), (2, 0.71), (3, 0.72))]
     trials += [_row("lst", 0.52)] + [_row("lst", v, "confirm", s) for s, v in ((1, 0.50), (2, 0.55), (3, 0.51))]
+    # a random-weight cost run's metric means nothing: below its probe, it is not flagged
+    trials += [_row(m, v, backbone="llama-11m", weights="random") for m, v in (("probe", 0.55), ("read", 0.47))]
     text = summary_table(trials)
     assert "quality: mean [95% CI]" in text and "0.710 [" in text
-    assert "below the linear probe (under-tuned or broken): lst on minilm-l6" in text
+    assert "below the linear probe (under-tuned or broken): lst on minilm-l6" in text.splitlines()[-1]
+    assert "llama-11m" not in text.splitlines()[-1]
 
 
 def test_role_and_pooling_columns_are_in_the_trials_schema():
