@@ -320,7 +320,7 @@ def _materialise_once(model: nn.Module) -> None:
 
 
 def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None = None, *, batch_size: int,
-                  seq_len: int, dtype: torch.dtype, n_labels: int = 2, foreach: bool = True,
+                  seq_len: int, dtype: torch.dtype, n_labels: int = 2, foreach: bool | None = True,
                   master_fp32: bool = True, count_flops: bool = False) -> MemoryReport:
     """Peak memory of one training step, accounted on fake tensors: no weights, no real memory.
 

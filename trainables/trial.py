@@ -107,16 +107,17 @@ _ESTIMATED: dict[str, dict[str, Any]] = {}  # per process: a reused Ray actor es
 
 
 def estimated_step(spec: BackboneSpec, cfg: Any, n_labels: int, batch_shape: tuple[int, int],
-                   dtype: torch.dtype) -> dict[str, Any]:
-    """Memory and FLOPs of the method's live step for this config and batch shape, on fake tensors."""
+                   dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Memory and FLOPs of the method's live step for this config and batch shape, on fake tensors, with the
+    optimizer kernel the trial's device trains with (fused on CPU, foreach on CUDA: `memory.adamw`)."""
     from trainables.memory import estimate_step
 
-    key = json.dumps([spec.name, spec.config, cfg.method, cfg.method_config, n_labels, batch_shape, str(dtype)],
-                     sort_keys=True, default=str)
+    key = json.dumps([spec.name, spec.config, cfg.method, cfg.method_config, n_labels, batch_shape, str(dtype),
+                      device.type], sort_keys=True, default=str)
     if key not in _ESTIMATED:
         b, t = batch_shape
         report = estimate_step(spec, cfg.method, cfg.method_config, batch_size=b, seq_len=t, dtype=dtype,
-                               n_labels=n_labels, count_flops=True)
+                               n_labels=n_labels, count_flops=True, foreach=None if device.type == "cpu" else True)
         out: dict[str, Any] = {**report.as_dict(), "flops_per_step": report.flops}
         _ESTIMATED[key] = out
     return dict(_ESTIMATED[key])
@@ -179,7 +180,7 @@ class Trial:
         if memo is not None and memo.is_file():  # measured (or estimated) once for this config and shape
             return json.loads(memo.read_text())
         if self.backbone_bytes_loaded is not None:
-            measured = estimated_step(self.spec, self.cfg, self.task.n_labels, shape, self.dtype)
+            measured = estimated_step(self.spec, self.cfg, self.task.n_labels, shape, self.dtype, self.device)
         else:
             from trainables.memory import measure_step
 
