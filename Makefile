@@ -5,6 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: study test install assets lint gpu-check
 
@@ -19,8 +20,10 @@ study: assets
 	$(PY) -m study.scaling $$(test -d results/scaling/tune && echo --resume)
 	$(PY) -m analysis.report --scaling results/scaling
 
+# Two pytest workers: the integration tests run in order on one (tests/integration/conftest.py groups
+# them), the unit tests on both; TEST_WORKERS=0 runs everything in one process.
 test: assets
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # One GPU, under 5 minutes: pretrained smollm2-135m, READ and LoRA in bf16, cuda peak vs estimate, NVML energy.
 # Without a GPU it prints "skipped: no GPU" and succeeds.
