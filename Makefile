@@ -20,10 +20,10 @@ study: assets
 	$(PY) -m study.scaling $$(test -d results/scaling/tune && echo --resume)
 	$(PY) -m analysis.report --scaling results/scaling
 
-# Two pytest workers: the integration tests run in order on one (tests/integration/conftest.py groups
-# them), the unit tests on both; TEST_WORKERS=0 runs everything in one process.
+# Two pytest workers: the integration tests run in order on one (tests/conftest.py makes them one
+# scope), the unit tests on both; TEST_WORKERS=0 runs everything in one process.
 test: assets
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # One GPU, under 5 minutes: pretrained smollm2-135m, READ and LoRA in bf16, cuda peak vs estimate, NVML energy.
 # Without a GPU it prints "skipped: no GPU" and succeeds.

@@ -81,3 +81,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist (`-p no:xdist`) it is never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` (`-n 2 --dist loadscope`): every integration test in one scope, the unit tests one each.
+
+    The integration tests then run in order on one worker, so their session fixtures (the shared tiny
+    studies) run once and no two real studies or Ray clusters compete for the 2 cores, while the unit tests
+    fill the other worker. Written here because xdist's own `--dist loadgroup` with an `xdist_group` mark
+    no longer groups under pytest 9.2 (pytest-xdist issue #1386: it rewrites a node id pytest no longer
+    reads); `LoadScopeScheduling._split_scope` is the extension point xdist's own loadfile mode uses.
+    """
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationInOneScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/integration" if nodeid.startswith("tests/integration/") else nodeid
+
+    return IntegrationInOneScope(config, log)

@@ -11,16 +11,6 @@ import pytest
 import shared_studies
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One xdist group for every integration test: they run in order on one worker (under `-n 2 --dist
-    loadgroup`), so the session fixtures below run once and no two real studies or Ray clusters compete;
-    the unit tests fill the other worker. Without xdist the marker does nothing."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.xdist_group("integration"))
-
-
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory) -> Iterator[dict[str, shared_studies.StudyRun]]:
     """The tiny scaling study (planted credentials) and the convergence study, once per session, at once."""
