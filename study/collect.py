@@ -197,7 +197,7 @@ def summary_table(trials: list[dict]) -> str:
     best: dict[tuple[str, str], dict] = {}
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for r in trials:
-        key = (r["method"], r["backbone"])
+        key = (r["method"], r["backbone"], r.get("train_size"))  # a convergence study has several sizes
         label = r["status"] if r.get("role") in (None, "search") else f"{r['status']} {r['role']}"
         counts.setdefault(key, {}).setdefault(label, 0)
         counts[key][label] += 1
@@ -206,24 +206,29 @@ def summary_table(trials: list[dict]) -> str:
         cur = best.get(key)
         if cur is None or (score is not None and (cur.get("_search") is None or score > cur["_search"])):
             best[key] = {**r, "_search": score}
-    q = {(r["method"], r["backbone"]): r for r in quality.quality_rows(trials)}
+    q = {(r["method"], r["backbone"], r["train_size"]): r for r in quality.quality_rows(trials)}
+    sizes: dict[tuple[str, str], set] = {}
+    for method, backbone, size in best:
+        sizes.setdefault((method, backbone), set()).add(size)
     head = f"{'method':<8} {'backbone':<22} {'quality: mean [95% CI]':>24} {'seeds':>5} {'search':>7} " \
            f"{'trainable':>10} {'peak mem':>16} {'energy':>12} {'time+cache':>10}  trials"
     lines = [head, "-" * len(head)]
     flagged = []
-    for (method, backbone), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        qual = q.get((method, backbone))
+    for (method, backbone, size), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2] or 0)):
+        qual = q.get((method, backbone, size))
         search = "-" if r["_search"] is None else f"{r['_search']:.3f}"
         mem = f"{_fmt_bytes(r.get('peak_memory_bytes'))} ({(r.get('memory_source') or '-')[:5]})"
         energy = "-" if r.get("energy_joules") is None else f"{r['energy_joules']:.0f}J {r.get('energy_source')}"
         time_s = "-" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}s"
         if r.get("cache_share_s"):  # its share of the activation cache's build, beside the training time
             time_s += f"+{r['cache_share_s']:.0f}"
-        status = ",".join(f"{n} {s}" for s, n in sorted(counts[(method, backbone)].items()))
+        status = ",".join(f"{n} {s}" for s, n in sorted(counts[(method, backbone, size)].items()))
         mark = ""
         if qual is not None and qual.get("below_probe"):
             mark = " <probe"
             flagged.append(f"{method} on {backbone}")
+        if len(sizes[(method, backbone)]) > 1:
+            backbone = f"{backbone} n={size}"
         if r.get("weights") == "random":
             backbone = f"{backbone} (rnd)"  # random weights: a cost run, its metric means nothing
         seeds = "-" if qual is None else str(qual["seeds"])

@@ -333,3 +333,14 @@ def test_summary_search_column_is_the_best_search_trial_not_a_confirm_seed():
             dict(method="full", backbone="m", status="ok", role="confirm", best_metric=0.80, seed=2)]
     line = summary_table(rows).splitlines()[2]
     assert " 0.780 " in line and "0.810 [0.800, 0.820]" in line
+
+
+def test_summary_has_a_line_per_training_size_when_a_study_has_several():
+    from study.collect import summary_table
+
+    rows = [_row("read", v, seed=s, train_size=n) for n, vs in ((64, (0.60, 0.66)), (512, (0.74, 0.75)))
+            for s, v in enumerate(vs)]
+    lines = summary_table(rows).splitlines()[2:]
+    assert [line.split()[:3] for line in lines] == [["read", "minilm-l6", "n=64"], ["read", "minilm-l6", "n=512"]]
+    assert " 0.660 " in lines[0] and " 0.750 " in lines[1]  # each size's own best, not the other's
+    assert "n=" not in summary_table([_row("read", 0.7)])  # one size: no size column
