@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         raise runner.UsageError(f"--confirm-seeds must be >= 0, not {s.confirm_seeds}")
     if args.json and not args.dry_run:
         raise runner.UsageError("--json goes with --dry-run")
+    if args.estimate_ladder and args.no_memory_estimates:
+        raise runner.UsageError("--estimate-ladder and --no-memory-estimates contradict each other; pass one")
     budget = plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib)
     gpu = budget.device == "cuda"
     planned = [args.max_model] if args.quick else ladder(args.max_model, gpu)  # quick: one anchor, not the ladder

@@ -54,3 +54,10 @@ def test_a_cpu_study_estimates_what_runs_and_the_top_a_gpu_study_or_a_dry_run_ev
     assert chosen() == ["minilm-l6", "llama-11m", "llama-7b"]
     assert chosen(gpu=True) == chosen("--dry-run") == chosen("--estimate-ladder") == ladder
     assert chosen("--no-memory-estimates") == chosen("--no-memory-estimates", gpu=True) == []
+
+
+def test_estimate_ladder_with_no_memory_estimates_is_one_clear_error():
+    from study import runner, scaling
+
+    with pytest.raises(runner.UsageError, match="contradict"):
+        scaling.main(["--estimate-ladder", "--no-memory-estimates", "--dry-run"])
