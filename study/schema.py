@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from study.storage import Location
 
-SCHEMA_VERSION = "2"  # 2: pooling, method_config, role; quality.parquet
+SCHEMA_VERSION = "3"  # 3: test_metric, chance_metric, predictions.parquet, evp.parquet, t-intervals
+# 2: pooling, method_config, role; quality.parquet
 # estimated: planned, too big to run here; interrupted: stopped mid-trial, `--resume` finishes it
 STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated", "interrupted")
 MEMORY_SOURCES = ("cuda", "tracked", "estimated")
@@ -52,7 +53,14 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("metric_name", pa.string()),
     pa.field("best_metric", pa.float64()),
     pa.field("best_epoch", pa.int64()),
-    pa.field("final_metric", pa.float64()),
+    pa.field("final_metric", pa.float64()),  # validation metric after the last epoch run (what the searcher saw)
+    # the final model on the held-out test split (eval_test runs: confirm and convergence trials); null otherwise
+    pa.field("test_metric", pa.float64()),
+    # the metric of always predicting the training split's majority class (0 for regression), on validation
+    pa.field("chance_metric", pa.float64()),
+    pa.field("steps_per_epoch", pa.int64()),  # optimisation steps per epoch
+    pa.field("lr_schedule", pa.string()),  # linear (warm-up, decay to zero) | constant (after warm-up)
+    pa.field("early_stopped", pa.bool_()),  # stopped by the scheduler (ASHA) before its epoch budget
     pa.field("epochs_run", pa.int64()),
     pa.field("epochs_to_target", pa.int64()),
     pa.field("params_total", pa.int64()),
@@ -107,16 +115,53 @@ QUALITY_FIELDS: list[pa.Field] = [
     pa.field("train_size", pa.int64()),
     pa.field("metric_name", pa.string()),
     pa.field("search_trials", pa.int64()),
-    pa.field("search_best", pa.float64()),  # the selected maximum: biased upward, reported for reference
-    pa.field("seeds", pa.int64()),  # confirm runs that finished
-    pa.field("mean", pa.float64()),  # mean over the confirm seeds (the search best when none ran)
-    pa.field("ci_low", pa.float64()),  # percentile bootstrap 95% CI of that mean (null below 2 seeds)
+    # the search's selected maximum (validation, final epoch): biased upward, for reference only, never a mean
+    pa.field("search_best_val", pa.float64()),
+    pa.field("search_epochs", pa.int64()),  # epochs the search consumed (early stopping included)
+    pa.field("search_stopped", pa.int64()),  # search trials stopped early by ASHA
+    pa.field("confirmed", pa.bool_()),  # has confirm runs; an unconfirmed cell stays out of fronts and verdicts
+    pa.field("seeds", pa.int64()),  # confirm runs that finished (status ok, with a test score)
+    pa.field("seeds_failed", pa.int64()),  # confirm runs that failed, diverged or ran out of memory
+    pa.field("val_mean", pa.float64()),  # confirm seeds' mean validation metric (final epoch)
+    pa.field("mean", pa.float64()),  # confirm seeds' mean TEST metric (final epoch); null when unconfirmed
+    pa.field("ci_low", pa.float64()),  # Student-t 95% CI of that mean over seeds (null below 2 seeds)
     pa.field("ci_high", pa.float64()),
     pa.field("std", pa.float64()),
-    pa.field("probe_mean", pa.float64()),  # the linear probe's mean on the same backbone, task and size
-    pa.field("below_probe", pa.bool_()),  # mean below the probe's: under-tuned or broken
+    # two-level bootstrap (seeds, then test examples) 95% interval: training and evaluation-set noise
+    pa.field("ci_low_examples", pa.float64()),
+    pa.field("ci_high_examples", pa.float64()),
+    pa.field("probe_mean", pa.float64()),  # the linear probe's test mean on the same backbone, task and size
+    pa.field("below_probe", pa.bool_()),  # paired difference to the probe significantly below zero
+]
+# predictions.parquet: one row per confirm trial × test example (the final model's prediction)
+PREDICTION_FIELDS: list[pa.Field] = [
+    pa.field("study", pa.string(), nullable=False),
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("method", pa.string()),
+    pa.field("backbone", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("train_size", pa.int64()),
+    pa.field("seed", pa.int64()),
+    pa.field("metric_name", pa.string()),
+    pa.field("example", pa.int64(), nullable=False),  # row index in the task's test split
+    pa.field("label", pa.float64()),
+    pa.field("prediction", pa.float64()),  # the predicted class index, or the score (regression)
+]
+# evp.parquet: expected best validation score of k search trials (Dodge et al. 2019), k = 1..N per cell
+EVP_FIELDS: list[pa.Field] = [
+    pa.field("study", pa.string()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("backbone", pa.string(), nullable=False),
+    pa.field("task", pa.string()),
+    pa.field("train_size", pa.int64()),
+    pa.field("metric_name", pa.string()),
+    pa.field("k", pa.int64(), nullable=False),
+    pa.field("n_trials", pa.int64()),
+    pa.field("expected_best", pa.float64()),
+    pa.field("std", pa.float64()),
 ]
 TRIAL_COLUMNS = [f.name for f in TRIAL_FIELDS]
+PREDICTION_COLUMNS = [f.name for f in PREDICTION_FIELDS]
 EPOCH_COLUMNS = [f.name for f in EPOCH_FIELDS]
 
 
@@ -177,6 +222,14 @@ def write_epochs(rows: list[dict[str, Any]], path: str | Path | Location) -> Loc
 
 def write_quality(rows: list[dict[str, Any]], path: str | Path | Location) -> Location:
     return write_atomic(to_table(rows, pa.schema(QUALITY_FIELDS, metadata=_metadata("quality"))), path)
+
+
+def write_predictions(rows: list[dict[str, Any]], path: str | Path | Location) -> Location:
+    return write_atomic(to_table(rows, pa.schema(PREDICTION_FIELDS, metadata=_metadata("predictions"))), path)
+
+
+def write_evp(rows: list[dict[str, Any]], path: str | Path | Location) -> Location:
+    return write_atomic(to_table(rows, pa.schema(EVP_FIELDS, metadata=_metadata("evp"))), path)
 
 
 def read(path: Path) -> pa.Table:

@@ -54,7 +54,8 @@ from trainables.trial import Trial, assemble, device_name, eval_subset, frozen_b
 SUMMARY_KEYS: tuple[str, ...] = (
     "status", "error", "method", "backbone", "backbone_family", "backbone_revision", "task", "train_size", "seed",
     "pooling",
-    "metric_name", "best_metric", "best_epoch", "final_metric", "epochs_run", "epochs_to_target",
+    "metric_name", "best_metric", "best_epoch", "final_metric", "test_metric", "chance_metric", "steps_per_epoch",
+    "lr_schedule", "epochs_run", "epochs_to_target",
     "params_total", "params_trainable", "params_head",
     "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
     "memory_activations_bytes", "memory_source",
@@ -75,7 +76,7 @@ CHECKPOINT_FILE = "state.pt"
 LOSS_EXPLOSION = 1000.0
 # Settings a checkpoint must share with the run that resumes it (others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("backbone", "method", "method_config", "task", "train_size", "max_length", "pooling", "seed",
-                     "batch_size", "lr", "weight_decay", "text_col", "label_col")
+                     "batch_size", "lr", "weight_decay", "text_col", "label_col", "lr_schedule")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -100,6 +101,9 @@ class RunConfig:
     lr: float | None = None  # None: the method's reference learning rate on this family (MethodInfo.lr_for)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
+    # linear: warm-up, then linear decay to zero at the budget's last step (the search and confirm runs);
+    # constant: warm-up, then the peak lr to the end (the convergence study: no decay forces a late peak)
+    lr_schedule: Literal["linear", "constant"] = "linear"
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     seed: int = 0
     early_stopping_patience: int | None = None  # epochs without a new best before stopping
@@ -109,6 +113,9 @@ class RunConfig:
     measure_memory: bool = True
     max_train_batches: int | None = None  # cap per epoch, for quick runs
     max_eval_examples: int | None = None  # a fixed random subset of the validation split
+    # after the last epoch, score the final model on the whole held-out test split: `test_metric` and the
+    # per-example predictions (checkpoint/predictions.parquet). Confirm and convergence runs; never the search.
+    eval_test: bool = False
     # side methods read the frozen backbone's taps from the activation cache (trainables.cache)
     cache: bool = True
     cache_dir: str | None = None  # default: <asset cache dir>/activations; a study passes its own
@@ -308,7 +315,8 @@ def no_nan(summary: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the loop
 
 def schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_train: int) -> tuple[Any, int]:
-    """Linear warmup to the peak lr, then linear decay to zero at the last step; and the steps per epoch."""
+    """Linear warmup to the peak lr, then linear decay to zero at the last step (or, `constant`, the peak lr
+    to the end); and the steps per epoch."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     if cfg.max_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
@@ -318,6 +326,8 @@ def schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_train: int) -> 
     def lr_factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), steps_per_epoch
