@@ -41,7 +41,7 @@ from trainables import cache, loop, zero
 from trainables.backbones import build, get_spec
 from trainables.energy import EnergyMeter
 from trainables.methods import apply_method, get_method
-from trainables.trial import label_words
+from trainables.trial import label_words, splits_read
 
 
 @dataclass
@@ -80,11 +80,12 @@ def needs_of(group: Group) -> list[Need]:
         model.set_label_words(label_words(cfg, spec, backbone, task))
     if not model.taps_frozen:
         return []
-    keys = cache.trial_keys(model, spec, cfg, {"train": task.train, "validation": validation}, weights=weights)
+    splits = splits_read(cfg, task, validation)  # with eval_test (confirm runs) the test split too
+    keys = cache.trial_keys(model, spec, cfg, splits, weights=weights)
     zero_on = cfg.zero == "on" or (cfg.zero == "auto" and device.type == "cuda" and torch.cuda.is_available()
                                    and zero.needed(spec, dtype, device))
     return [Need(keys[n], dict(group.run), split, task.pad_token_id, zero_on, group.resources.get("gpu", 0))
-            for n, split in (("train", task.train), ("validation", validation))]
+            for n, split in splits.items()]
 
 
 def merged(needs: Sequence[Need]) -> list[Need]:

@@ -5,7 +5,8 @@ method, then trains with AdamW (linear warmup + linear decay, gradient clipping)
 evaluates on the validation split after every epoch. After each epoch it appends a line
 to `epochs.jsonl`, writes a checkpoint (trainable state only) and calls `report` with the
 epoch's values plus the running trial summary, so the last report alone is a complete
-trial record: a scheduler (Ray Tune's ASHA) may stop the trial after any report. At the
+trial record: a scheduler (Ray Tune's ASHA) may stop the trial after any report. A confirm
+run (`eval_test`) also scores its final model on the held-out test split (see `train`). At the
 end it writes `summary.json` and returns the summary. The loop knows nothing of Ray.
 
 OOM and divergence are outcomes, not crashes: the status says what happened and the
@@ -32,13 +33,15 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import transformers
 
@@ -72,6 +75,7 @@ EPOCH_KEYS: tuple[str, ...] = ("epoch", "train_loss", "eval_metric", "wall_time_
 Status = Literal["ok", "oom", "diverged", "error"]
 Report = Callable[[dict[str, Any], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
+PREDICTIONS_FILE = "predictions.parquet"  # in the last checkpoint of an eval_test run (study.schema PREDICTION_FIELDS)
 # A training loss this many times the first one (or 1.0, if larger) is divergence, not training.
 LOSS_EXPLOSION = 1000.0
 # Settings a checkpoint must share with the run that resumes it (others, e.g. epochs, may change).
@@ -282,11 +286,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_checkpoint(out_dir: Path, state: dict[str, Any]) -> Path:
-    """Write `out_dir/checkpoint/` atomically: a temp dir, then swap it in."""
+def write_checkpoint(out_dir: Path, state: dict[str, Any], predictions: pa.Table | None = None) -> Path:
+    """Write `out_dir/checkpoint/` atomically (a temp dir, then swap it in), with the test predictions if any."""
     final = out_dir / "checkpoint"
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-"))
     torch.save(state, tmp / CHECKPOINT_FILE)
+    if predictions is not None:
+        pq.write_table(predictions, tmp / PREDICTIONS_FILE)
     old = out_dir / ".checkpoint-old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -333,16 +339,39 @@ def schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_train: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), steps_per_epoch
 
 
-def evaluate(trial: Trial) -> float:
-    """The task metric on the validation examples (cached taps or live), model in eval mode."""
+def evaluate(trial: Trial, batches: Iterable[dict[str, Any]]) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The task metric over `batches` (validation or test, cached taps or live), model in eval mode, with the
+    predictions it scored (class index, or the regression score) and the labels, in batch order."""
     trial.model.eval()
-    preds, labels = [], []
+    logits, labels = [], []
     with torch.no_grad(), trial.autocast:
-        for batch in trial.eval_batches():
+        for batch in batches:
             batch = trial.to_device(batch)
-            preds.append(trial.forward(batch, with_labels=False).logits.float().cpu())
+            logits.append(trial.forward(batch, with_labels=False).logits.float().cpu())
             labels.append(batch["labels"].cpu())
-    return tasks.metric(trial.task.metric_name, torch.cat(preds), torch.cat(labels))
+    scores, y = torch.cat(logits), torch.cat(labels)
+    preds = scores.reshape(y.shape) if trial.task.n_labels == 1 else scores.argmax(-1)
+    return tasks.metric(trial.task.metric_name, preds, y), preds, y
+
+
+def score_test(trial: Trial) -> tuple[float, pa.Table]:
+    """The model on the whole test split: its metric, and one row per example (`example` = row in task.test)."""
+    value, preds, labels = evaluate(trial, trial.test_batches())
+    if not math.isfinite(value):
+        raise Diverged(f"non-finite test {trial.task.metric_name}")
+    return value, pa.table({"example": pa.array(trial.test["example"], pa.int64()),
+                            "label": pa.array(labels.double().numpy(), pa.float64()),
+                            "prediction": pa.array(preds.double().numpy(), pa.float64())})
+
+
+def chance_metric(trial: Trial) -> float:
+    """The task metric of always predicting the training split's majority class on the validation examples
+    evaluated: what a trial that learns nothing scores (regression: 0.0)."""
+    if trial.task.n_labels == 1:
+        return 0.0
+    majority = int(np.bincount(trial.task.train["labels"]).argmax())  # a tie: the lowest class
+    labels = np.asarray(trial.validation["labels"])
+    return tasks.metric(trial.task.metric_name, np.full_like(labels, majority), labels)
 
 
 def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
@@ -352,6 +381,11 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
     `report(metrics, checkpoint_dir)` is called after every epoch and, if the trial fails,
     once more with the final summary (checkpoint_dir None). `progress` prints a step counter
     and a line per epoch on stderr (the CLI turns it on).
+
+    With `eval_test`, the final model (after the budget's last epoch, or the epoch early stopping ends
+    on: whenever training ends normally; never one a scheduler stops) is scored once on the whole test
+    split: `test_metric`, and `predictions.parquet` in that epoch's checkpoint. Selection reads
+    validation only; test scoring is outside the trial's time and energy.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,6 +407,8 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
         params = [p for _, p in model.trainable_named_parameters()]
         optimizer = adamw(params, cfg.learning_rate, cfg.weight_decay)
         scheduler, steps_per_epoch = schedule(optimizer, cfg, len(task.train))
+        summary |= {"steps_per_epoch": steps_per_epoch, "lr_schedule": cfg.lr_schedule,
+                    "chance_metric": chance_metric(trial)}
 
         # ---- resume, or measure once on the first batch (memory, FLOPs) without touching the model
         start_epoch, measured = 0, {}
@@ -387,6 +423,8 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             scheduler.load_state_dict(ckpt["scheduler"])
             start_epoch, history, totals = ckpt["epoch"], ckpt["history"], ckpt["totals"]
             measured = ckpt["measured"]
+            if start_epoch >= cfg.epochs:  # finished: keep its test score (a longer budget scores anew)
+                summary["test_metric"] = ckpt.get("test_metric")
         else:
             measured = trial.measure(epoch_seed(cfg.seed, 0), cfg.learning_rate, cfg.measure_memory, untouched)
         summary |= {k: measured.get(k) for k in ("flops_per_step", *MEMORY_KEYS)}
@@ -441,7 +479,7 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
 
             # ---- evaluate on the validation split
             with energy.phase("eval"):
-                value = evaluate(trial)
+                value, _, _ = evaluate(trial, trial.eval_batches())
             if not math.isfinite(value):
                 raise Diverged(f"non-finite validation {task.metric_name} at epoch {epoch + 1}")
 
@@ -457,19 +495,23 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
             with epochs_file.open("a") as fh:
                 fh.write(json.dumps(record, allow_nan=False) + "\n")
             summary |= running_summary(history, totals, cfg.target_fraction, energy.source)
+            patience = cfg.early_stopping_patience
+            stop = patience is not None and epoch + 1 - summary["best_epoch"] >= patience
+            predictions = None
+            if cfg.eval_test and (stop or epoch + 1 == cfg.epochs):  # the final model, scored on test once
+                summary["test_metric"], predictions = score_test(trial)
             checkpoint = write_checkpoint(out_dir, {
                 "config": cfg.to_dict(), "epoch": epoch + 1, "history": history, "totals": totals,
                 "measured": measured, "rng": rng_state(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "scheduler": scheduler.state_dict(), "test_metric": summary["test_metric"],
                 "model": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
-            })
+            }, predictions)
             if progress:
                 print(f"{line_start}epoch {epoch + 1}/{cfg.epochs}: train_loss {record['train_loss']:.4f}  "
                       f"eval_{task.metric_name} {value:.4f}  {totals['wall_time_s']:.1f}s", file=sys.stderr)
             report({**summary, **record}, checkpoint)
             reported = True
-            patience = cfg.early_stopping_patience
-            if patience is not None and epoch + 1 - summary["best_epoch"] >= patience:
+            if stop:
                 break
         if not reported and history:  # resumed a finished run: still leave one complete record
             summary |= running_summary(history, totals, cfg.target_fraction, energy.source)
@@ -581,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({summary['error']})" if summary["error"] else ""))
     print(f"  best {metric} {fmt(summary['best_metric'])} at epoch {summary['best_epoch']}, "
           f"final {fmt(summary['final_metric'])}, epochs {summary['epochs_run']}, "
-          f"to target {summary['epochs_to_target']}")
+          f"to target {summary['epochs_to_target']}"
+          + ("" if summary["test_metric"] is None else f"; test {fmt(summary['test_metric'])}"))
     print(f"  params trainable {summary['params_trainable']} + head {summary['params_head']} "
           f"of {summary['params_total']}")
     peak = None if summary["peak_memory_bytes"] is None else summary["peak_memory_bytes"] / mib

@@ -9,7 +9,9 @@ A side trial that finds its cache complete does not materialise the backbone (T5
 whole: its side models read the LM head and both stacks' norms and first blocks): it is built
 on the meta device and only what the method reads is loaded from the checkpoint — the
 final norm, the blocks the method runs itself (SHERL's last block), whatever `apply`
-copies (LST's pruned init reads every block). Its memory/FLOPs columns are the method's
+copies (LST's pruned init reads every block). A data-dependent init (LST's Fisher-pruned one) needs
+the whole backbone: a cached trial reads the one stored beside the cache (`trainables.inits`), and
+without one it runs live once, computes and stores it. Its memory/FLOPs columns are the method's
 live step, measured once per (pair, method config, batch shape, dtype, device) by the trial
 that built the cache and kept beside it (`steps/`), or else the fake-tensor estimate of the
 same step; `memory_source` says which ("tracked"/"cuda" or "estimated"). Random weights are always built whole
@@ -19,6 +21,7 @@ same step; `memory_source` says which ("tracked"/"cuda" or "estimated"). Random 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables import backbones, cache, tasks, zero
+from trainables import backbones, cache, inits, tasks, zero
 from trainables.backbones import BackboneSpec, Source, build, get_spec, load_tokenizer
 from trainables.energy import flops_per_step
 from trainables.methods import apply_method, get_method
-from trainables.methods.base import Output, Taps, TaskModel
+from trainables.methods.base import MethodInfo, Output, Taps, TaskModel
 from trainables.text2text import LabelWords, regression_targets
 
 MEASURE_KEYS = ("flops_per_step", "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes",
@@ -66,6 +69,17 @@ def eval_subset(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
     if lengths is not None:
         order.sort(key=lambda i: lengths[i])  # stable: equal lengths keep file order
     return split if order == list(range(len(split))) else split.select(order)
+
+
+def test_split(task: tasks.TaskData) -> datasets.Dataset:
+    """The whole test split as it is scored, shortest first; `example` is each row's index in `task.test`."""
+    return eval_subset(task.test.add_column("example", list(range(len(task.test)))), None)
+
+
+def splits_read(cfg: Any, task: tasks.TaskData, validation: datasets.Dataset) -> dict[str, datasets.Dataset]:
+    """The splits a trial reads, by name: train, the validation examples evaluated and, with `eval_test`, the
+    whole test split. Its caches are built (study.prepare) and looked up (assemble) for exactly these."""
+    return {"train": task.train, "validation": validation} | ({"test": test_split(task)} if cfg.eval_test else {})
 
 
 def load_data(cfg: Any, spec: BackboneSpec) -> tuple[tasks.TaskData, datasets.Dataset]:
@@ -159,6 +173,17 @@ class Trial:
             return self.readers["validation"].batches(self.cfg.eval_batch_size)
         return tasks.batches(self.validation, self.cfg.eval_batch_size, pad_token_id=self.task.pad_token_id)
 
+    @functools.cached_property
+    def test(self) -> datasets.Dataset:
+        """The whole test split, in the order `test_batches` yields it (`test_split`)."""
+        return test_split(self.task)
+
+    def test_batches(self) -> Iterator[dict[str, Any]]:
+        """The test split's batches: its cache when the trial reads one (an eval_test trial caches it too)."""
+        if self.readers:
+            return self.readers["test"].batches(self.cfg.eval_batch_size)
+        return tasks.batches(self.test, self.cfg.eval_batch_size, pad_token_id=self.task.pad_token_id)
+
     def forward(self, batch: dict[str, Any], with_labels: bool = True) -> Output:
         labels = batch["labels"] if with_labels else None
         if "taps" in batch:
@@ -235,18 +260,49 @@ def label_words(cfg: Any, spec: BackboneSpec, backbone: nn.Module, task: tasks.T
 
 
 def _cached_without_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, src: Source,
-                             task: tasks.TaskData, validation: datasets.Dataset) -> tuple[TaskModel, dict, int] | None:
-    """A side model on a meta backbone with only what it reads loaded, if every split is cached; else None."""
+                             task: tasks.TaskData, validation: datasets.Dataset
+                             ) -> tuple[TaskModel, dict, int, str] | None:
+    """A side model on a meta backbone with only what it reads loaded, if every split is cached and any
+    data-dependent init is stored (`trainables.inits`); else None. The str says where the init came from."""
     backbone = build(spec, "meta", dtype=dtype)
     loaded = backbones.materialise(backbone, spec, _param_names(backbone, zero.apply_reads(backbone, spec, cfg.method)),
                                    src, device, dtype)
     model = _apply(cfg, backbone, spec, task, device)
-    readers = cache.find(model, spec, cfg, {"train": task.train, "validation": validation}, weights="pretrained",
+    readers = cache.find(model, spec, cfg, splits_read(cfg, task, validation), weights="pretrained",
                          revision=src.revision)
     if readers is None:
         return None
+    info, note = get_method(cfg.method), ""
+    if inits.wanted(info, model):  # e.g. LST's Fisher-pruned init: only a trial with the backbone computes it
+        parts = inits.key(cfg, spec, info, model, task.train, weights="pretrained", revision=src.revision, dtype=dtype)
+        path = inits.path_of(cfg, parts)
+        if not inits.load(path, model, parts):
+            return None  # none stored: the trial runs live, computes and stores it, and still reads the caches
+        note = f"; init: stored data init read ({path.name})"
     loaded += backbones.materialise(backbone, spec, _param_names(backbone, read_parts(model, spec)), src, device, dtype)
-    return model, readers, loaded
+    return model, readers, loaded, note
+
+
+def _data_init(cfg: Any, info: MethodInfo, spec: BackboneSpec, model: TaskModel, task: tasks.TaskData, *,
+               weights: str, revision: str | None, dtype: torch.dtype, device: torch.device, store: bool) -> str:
+    """Run the method's data-dependent init (LST's Fisher-pruned one: batch 1) on the whole backbone, or read
+    the one a trial of this configuration stored; with `store`, keep it for the cached trials that follow.
+    Returns what happened, for the cache_reason ("" when the config has no such init)."""
+    if not inits.wanted(info, model):
+        return ""
+    examples = ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
+        task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed))
+    if not store:
+        info.init_with_data(model, examples)
+        return "; init: data init computed here"
+    parts = inits.key(cfg, spec, info, model, task.train, weights=weights, revision=revision, dtype=dtype)
+    path = inits.path_of(cfg, parts)
+    with inits.computing(path):  # concurrent trials of this config compute it once
+        if inits.load(path, model, parts):
+            return f"; init: stored data init read ({path.name})"
+        info.init_with_data(model, examples)
+        inits.store(path, model, parts)
+    return f"; init: data init computed here and stored ({path.name})"
 
 
 def assemble(cfg: Any) -> Trial:
@@ -260,7 +316,7 @@ def assemble(cfg: Any) -> Trial:
     facts = {"device": device_name(device), "backbone_family": spec.family,
              "backbone_revision": src.revision if src else None,
              "train_size": len(task.train), "metric_name": task.metric_name}
-    splits = {"train": task.train, "validation": validation}
+    splits = splits_read(cfg, task, validation)
     use_cache = cfg.cache and info.cacheable
     # Encoder–decoders read their cache with the whole backbone loaded (the LM head, both stacks' norms and
     # first blocks' position biases are needed): the cache saves the frozen forward, not the load.
@@ -268,17 +324,16 @@ def assemble(cfg: Any) -> Trial:
             not zero.decide(cfg.zero, side, spec, dtype, device):
         found = _cached_without_backbone(cfg, spec, device, dtype, src, task, validation)
         if found is not None:
-            model, readers, loaded = found
+            model, readers, loaded, init_note = found
             _master_fp32(model)
             facts |= {"pooling": model.pooling, "cache_builds": cache.build_costs(readers.values())}
-            return Trial(cfg, spec, device, dtype, weights, task, validation, model, side,
-                         facts["backbone_revision"], readers=readers, cache_reason="hit (backbone not materialised)",
+            return Trial(cfg, spec, device, dtype, weights, task, validation, model, side, facts["backbone_revision"],
+                         readers=readers, cache_reason=f"hit (backbone not materialised){init_note}",
                          backbone_bytes_loaded=loaded, facts=facts)
     backbone, partitioned = frozen_backbone(cfg, spec, device, dtype, weights, src)
     model = _apply(cfg, backbone, spec, task)
-    if info.init_with_data is not None:  # e.g. LST's Fisher-pruned init: batch 1
-        info.init_with_data(model, ({k: v.to(device) for k, v in b.items()} for b in tasks.batches(
-            task.train, 1, pad_token_id=task.pad_token_id, shuffle=True, seed=cfg.seed)))
+    init_note = _data_init(cfg, info, spec, model, task, weights=weights, revision=src.revision if src else None,
+                           dtype=dtype, device=device, store=cfg.cache and partitioned is None)
     _master_fp32(model)
     readers, reason = None, (f"not cacheable: {cfg.method} trains inside the backbone" if not info.cacheable
                              else "off: cache=false")
@@ -291,7 +346,7 @@ def assemble(cfg: Any) -> Trial:
     if readers:  # what building the caches it read cost (study.collect splits it over their readers)
         facts["cache_builds"] = cache.build_costs(readers.values())
     return Trial(cfg, spec, device, dtype, weights, task, validation, model, side, facts["backbone_revision"],
-                 partitioned=partitioned, readers=readers, cache_reason=reason, facts=facts)
+                 partitioned=partitioned, readers=readers, cache_reason=reason + init_note, facts=facts)
 
 
 def _master_fp32(model: TaskModel) -> None:

@@ -229,7 +229,7 @@ def test_epochs_to_target_and_early_stopping(monkeypatch, tmp_path):
     assert epochs_to_target([0.5, 0.58, 0.6], 0.95) == 2
     assert epochs_to_target([-0.5, -0.2, -0.21], 0.95) == 2  # neg_mse: within 5% of the best
     assert epochs_to_target([], 0.95) is None
-    values = iter([0.5, 0.6, 0.6, 0.6, 0.6])
+    values = iter([0.5, 0.5, 0.6, 0.6, 0.6, 0.6])  # the first: chance_metric, computed once after assembly
     monkeypatch.setattr(loop.tasks, "metric", lambda name, preds, labels: next(values))
     summary = train(config(epochs=5, early_stopping_patience=1), tmp_path)
     assert summary["epochs_run"] == 3 and summary["best_epoch"] == 2 and summary["epochs_to_target"] == 2

@@ -140,6 +140,10 @@ class Stack(NamedTuple):
     final_norm: str  # the anatomy part the side norm is pruned from
 
 
+def fisher_pruned(cfg: Config) -> bool:
+    return cfg.init == "prune" and cfg.importance == "fisher"
+
+
 def kept_blocks(n: int, cfg: Config) -> list[int]:
     """Block indices with a side block: all but `drop_layers` and every `drop_every`-th from 0."""
     bad = [j for j in cfg.drop_layers if not 0 <= j < n]
@@ -168,6 +172,11 @@ class LstModel(SideModel):
         self.merge_alpha = nn.Parameter(torch.zeros(1)) if cfg.merge_last else None
         self.runner = BlockRunner(spec.family, self.side_config)
         self._hf_init(self.blocks)
+
+    @property
+    def needs_data_init(self) -> bool:
+        """The Fisher-pruned init needs training examples (`init_with_data`); l1 and random need none."""
+        return fisher_pruned(self.cfg)
 
     def _hf_init(self, module: nn.Module) -> None:
         std = self.side_config.initializer_range
@@ -234,6 +243,10 @@ class LstT5Model(SideModel):
         for m in [*self.enc_blocks.modules(), *self.dec_blocks.modules()]:
             if isinstance(m, nn.Linear | nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
+
+    @property
+    def needs_data_init(self) -> bool:
+        return fisher_pruned(self.cfg)
 
     def stacks(self) -> list[Stack]:
         get = self.spec.anatomy.get
@@ -354,12 +367,18 @@ def _index(kind: str, sel: dict[str, torch.Tensor], size: int, head_dim: int) ->
 def prune_init(model: LstModel, batches: Iterable[Any] | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Copy each backbone block, pruned to 1/r by importance, into the side block of the same index.
 
-    Returns the kept indices per block ({"res", "ffn", "qk", "vo"}). No-op on the meta device.
-    Fisher importance needs `batches` (dicts or tuples of input_ids, attention_mask, labels).
+    Returns the kept indices per block ({"res", "ffn", "qk", "vo"}). No-op on a backbone wholly on the
+    meta device (counting); it reads only the blocks and final norms, so a cached trial, whose backbone
+    has just those loaded, gets the same init as a live one. Fisher importance needs `batches` (dicts or
+    tuples of input_ids, attention_mask, labels) and the whole backbone.
     """
     cfg, spec, side = model.cfg, model.spec, model.side_config
-    if next(model.backbone.parameters()).device.type == "meta":
+    reads = [p for st in model.stacks() for p in st.backbone_blocks.parameters()]
+    on_meta = [p.device.type == "meta" for p in reads]
+    if all(on_meta):
         return {}
+    if any(on_meta) or (cfg.importance == "fisher" and any(p.device.type == "meta" for p in model.backbone.parameters())):
+        raise ValueError("lst: the pruned init reads backbone weights that are not loaded (meta device)")
     if cfg.heads is not None and cfg.heads != model.backbone.config.num_attention_heads:
         raise ValueError(f"lst: prune init needs the backbone's head count, not heads={cfg.heads}")
     stacks = model.stacks()
@@ -437,15 +456,30 @@ def _examples(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[to
 def _fisher_sums(model: LstModel, batches: Iterable[Any]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Σ over examples (batch 1, as the paper) of squared task-loss grads, kept as row/column sums.
 
-    The backbone (frozen, eval mode) plus this model's head gives the task loss.
+    The backbone (frozen, eval mode) plus this model's head gives the task loss. Block by block:
+    each parameter's gradient is folded into its sums as backward produces it and freed at once, so
+    beside the weights and one example's activations about one block's gradients exist at a time,
+    never a gradient copy of the whole backbone (a 7B init needs the memory of a 7B batch-1 forward
+    and backward, not twice the weights).
     """
     params = {f"{st.prefix}{j}.{n}": p for st in model.stacks() for j in st.kept
               for n, p in st.backbone_blocks[j].named_parameters()}
-    sums: dict[str, tuple[torch.Tensor, ...]] = {}
+    sums = {name: tuple(torch.zeros(n, dtype=torch.float32, device=p.device) for n in p.shape)  # (rows, cols) or (n,)
+            for name, p in params.items()}
+
+    def fold(name: str) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            sums[name] = tuple(a + b for a, b in zip(sums[name], _line_sums(p.grad.float() ** 2), strict=True))
+            p.grad = None
+
+        return hook
+
     was_training = model.backbone.training
     model.backbone.eval()
     for p in params.values():
         p.requires_grad_(True)
+    handles = [p.register_post_accumulate_grad_hook(fold(name)) for name, p in params.items()]
+    seen = 0
     try:
         device = next(model.backbone.parameters()).device
         for ids, mask, labels in itertools.islice(_examples(batches, device), model.cfg.fisher_examples):
@@ -456,21 +490,22 @@ def _fisher_sums(model: LstModel, batches: Iterable[Any]) -> dict[str, tuple[tor
                 else:
                     h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
                 loss = model.classify(h.to(model.side_dtype), mask, labels).loss
-                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (name, p), g in zip(params.items(), grads, strict=True):
-                new = _line_sums(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() ** 2)
-                sums[name] = tuple(a + b for a, b in zip(sums[name], new, strict=True)) if name in sums else new
+                torch.autograd.backward(loss, inputs=list(params.values()))  # the head's .grad stays untouched
+            seen += 1
     finally:
+        for handle in handles:
+            handle.remove()
         for p in params.values():
             p.requires_grad_(False)
+            p.grad = None
         model.backbone.train(was_training)
-    if not sums:
+    if not seen:
         raise ValueError("lst: fisher importance got no examples from batches")
     return sums
 
 
 def _fisher_init(model: LstModel, batches: Iterable[Any]) -> None:
-    if model.cfg.init == "prune" and model.cfg.importance == "fisher":
+    if fisher_pruned(model.cfg):
         prune_init(model, batches)
 
 
@@ -487,5 +522,6 @@ INFO = register(MethodInfo(
     name="lst", family="side", paper="Sung, Cho, Bansal 2022, LST, arXiv 2206.06522", identity_at_init=False,
     cacheable=True, config_cls=Config, apply=apply, reference_lr=1e-3,
     init_with_data=_fisher_init, lr_by_family=(("t5", 3e-3),),  # T5: the LST repo's T5-base GLUE value (batch 100)
-    note="importance='fisher' prunes by Fisher scores over training examples (the loop runs it after apply)",
+    note="importance='fisher' prunes by Fisher scores over training examples (run after apply where the "
+         "backbone is; cached trials read it from trainables.inits)",
 ))
