@@ -13,10 +13,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
 from study import schema
 from study.plan import describe
 from study.storage import Location
 from trainables import backbones
+from trainables.loop import PREDICTIONS_FILE, RunConfig
 from trainables.methods import get_method
 from trainables.methods.base import config_to_dict
 
@@ -62,6 +66,13 @@ def _one_line(error: Any) -> str | None:
         return None
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
     return lines[-1][:500] if lines else type(error).__name__
+
+
+def early_stopped(summary: dict[str, Any], run: dict[str, Any]) -> bool:
+    """Ended, without failing, before its epoch budget (ASHA stopped it): its final metric is an earlier epoch's."""
+    epochs_run = summary.get("epochs_run")
+    return (summary.get("status") == "ok" and epochs_run is not None
+            and int(epochs_run) < int(run.get("epochs") or RunConfig.epochs))
 
 
 _UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of a trial that has not ended
@@ -110,6 +121,7 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "s
         row.setdefault("status", "error" if not last else "ok")
         if unfinished:  # stopped mid-trial (Ctrl-C, SIGTERM): its finished epochs count, its row does not yet
             row.update(status="interrupted", error=None)
+        row["early_stopped"] = early_stopped(row, run)
         row.update({f"hp.{k}": v for k, v in (config.get("hp") or {}).items()})
         trials.append(row)
         frame = result.metrics_dataframe
@@ -128,6 +140,32 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "s
     # a restored trial can report an epoch again (its result history is replayed): the last report wins
     epochs = list({(rec["trial_id"], rec["epoch"]): rec for rec in epochs}.values())
     return trials, epochs
+
+
+def prediction_rows(study: str, grid: Any) -> list[dict]:
+    """Per-example test predictions of every finished trial of `grid` (a confirm experiment), PREDICTION_FIELDS.
+
+    Each is read from the trial's last checkpoint through that checkpoint's own filesystem, so local and
+    cloud storage read alike. A trial that failed, did not finish, or whose checkpoint has no predictions
+    (an older run) has none: it is left out, as it is left out of the cell's mean.
+    """
+    out: list[dict] = []
+    for (tune_status, given), result in zip(_tune_trials(grid), grid, strict=True):
+        metrics, checkpoint = dict(result.metrics or {}), result.checkpoint
+        if (checkpoint is None or metrics.get("status") != "ok" or result.error is not None
+                or tune_status in _UNFINISHED):
+            continue
+        path = f"{checkpoint.path.rstrip('/')}/{PREDICTIONS_FILE}"  # the loop wrote it there (eval_test)
+        if checkpoint.filesystem.get_file_info(path).type != pafs.FileType.File:
+            continue
+        table = pq.read_table(path, filesystem=checkpoint.filesystem, columns=["example", "label", "prediction"])
+        run = (result.config or given).get("run") or {}
+        fixed = {"study": study, "trial_id": str(metrics.get("trial_id") or Path(result.path).name),
+                 "method": run.get("method"), "backbone": run.get("backbone"), "task": run.get("task"),
+                 "train_size": run.get("train_size"), "seed": run.get("seed"), "metric_name": metrics.get("metric_name")}
+        columns = zip(*(table.column(c).to_pylist() for c in ("example", "label", "prediction")), strict=True)
+        out += [{**fixed, "example": e, "label": y, "prediction": p} for e, y, p in columns]
+    return out
 
 
 def with_cache_shares(trials: list[dict]) -> list[dict]:
@@ -189,51 +227,56 @@ def _fmt_count(n: Any) -> str:
     return str(int(n))
 
 
+QUALITY_NOTE = ("quality = confirm seeds' mean TEST score of the final-epoch model (selected on validation); "
+                "interval: Student-t over seeds")
+
+
 def summary_table(trials: list[dict]) -> str:
-    """Method × backbone: quality (confirm seeds' mean and bootstrap 95% CI, else the search best),
-    trainable params, peak memory (source), energy, time; methods below the linear probe are flagged."""
+    """Method × backbone (× training size): the confirmed test score with its t-interval (study.quality), the
+    confirm seeds with their failures, the search's maximum (validation, labelled so) and the epochs the search
+    consumed; then the search winner's costs (trainable params, peak memory, energy, time + cache share) and
+    the trials by status. Methods significantly below the linear probe are flagged."""
     from study import quality  # local: quality is pure, but keeps this module's imports light
 
-    best: dict[tuple[str, str], dict] = {}
-    counts: dict[tuple[str, str], dict[str, int]] = {}
+    cells: dict[tuple, list[dict]] = {}
     for r in trials:
-        key = (r["method"], r["backbone"], r.get("train_size"))  # a convergence study has several sizes
-        label = r["status"] if r.get("role") in (None, "search") else f"{r['status']} {r['role']}"
-        counts.setdefault(key, {}).setdefault(label, 0)
-        counts[key][label] += 1
-        # The `search` column is the best *search* trial: confirm re-runs (fresh seeds) are in the CI instead.
-        score = r.get("best_metric") if r.get("role") in (None, "search") else None
-        cur = best.get(key)
-        if cur is None or (score is not None and (cur.get("_search") is None or score > cur["_search"])):
-            best[key] = {**r, "_search": score}
+        cells.setdefault((r["method"], r["backbone"], r.get("train_size")), []).append(r)  # convergence: sizes
     q = {(r["method"], r["backbone"], r["train_size"]): r for r in quality.quality_rows(trials)}
     sizes: dict[tuple[str, str], set] = {}
-    for method, backbone, size in best:
+    for method, backbone, size in cells:
         sizes.setdefault((method, backbone), set()).add(size)
-    head = f"{'method':<8} {'backbone':<22} {'quality: mean [95% CI]':>24} {'seeds':>5} {'search':>7} " \
-           f"{'trainable':>10} {'peak mem':>16} {'energy':>12} {'time+cache':>10}  trials"
-    lines = [head, "-" * len(head)]
-    flagged = []
-    for (method, backbone, size), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2] or 0)):
-        qual = q.get((method, backbone, size))
-        search = "-" if r["_search"] is None else f"{r['_search']:.3f}"
+    head = (f"{'method':<8} {'backbone':<22} {'test: mean [95% t-CI]':>27} {'seeds':>11} {'search max (val)':>16} "
+            f"{'search epochs':>17} {'trainable':>10} {'peak mem':>16} {'energy':>12} {'time+cache':>10}  trials")
+    lines, flagged = [head, "-" * len(head)], []
+    for (method, backbone, size), rows in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2] or 0)):
+        qual = q.get((method, backbone, size)) or {}
+        finished = [r for r in rows if r.get("role") in (None, "search") and r.get("status") == "ok"
+                    and r.get("final_metric") is not None]  # the costs shown: the search winner's (confirm.best_runs)
+        r = max(finished, key=lambda t: (not t.get("early_stopped"), t["final_metric"]), default=rows[0])
+        test = quality.fmt({**qual, "seeds_failed": 0}) if qual else "unconfirmed"  # failures: the seeds column
+        seeds = f"{qual.get('seeds', 0)}" + (f"+{qual['seeds_failed']} failed" if qual.get("seeds_failed") else "")
+        best_val = "-" if qual.get("search_best_val") is None else f"{qual['search_best_val']:.3f}"
+        spent = f"{qual.get('search_epochs') or 0} ep, {qual.get('search_stopped') or 0} stopped"
         mem = f"{_fmt_bytes(r.get('peak_memory_bytes'))} ({(r.get('memory_source') or '-')[:5]})"
         energy = "-" if r.get("energy_joules") is None else f"{r['energy_joules']:.0f}J {r.get('energy_source')}"
         time_s = "-" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}s"
         if r.get("cache_share_s"):  # its share of the activation cache's build, beside the training time
             time_s += f"+{r['cache_share_s']:.0f}"
-        status = ",".join(f"{n} {s}" for s, n in sorted(counts[(method, backbone, size)].items()))
-        mark = ""
-        if qual is not None and qual.get("below_probe"):
-            mark = " <probe"
+        counts: dict[str, int] = {}
+        for t in rows:
+            label = t["status"] if t.get("role") in (None, "search") else f"{t['status']} {t['role']}"
+            counts[label] = counts.get(label, 0) + 1
+        if qual.get("below_probe"):
+            test += " <probe"
             flagged.append(f"{method} on {backbone}")
         if len(sizes[(method, backbone)]) > 1:
             backbone = f"{backbone} n={size}"
         if r.get("weights") == "random":
             backbone = f"{backbone} (rnd)"  # random weights: a cost run, its metric means nothing
-        seeds = "-" if qual is None else str(qual["seeds"])
-        lines.append(f"{method:<8} {backbone:<22} {quality.fmt(qual) + mark:>24} {seeds:>5} {search:>7} "
-                     f"{_fmt_count(r.get('params_trainable')):>10} {mem:>16} {energy:>12} {time_s:>10}  {status}")
+        lines.append(f"{method:<8} {backbone:<22} {test:>27} {seeds:>11} {best_val:>16} {spent:>17} "
+                     f"{_fmt_count(r.get('params_trainable')):>10} {mem:>16} {energy:>12} {time_s:>10}  "
+                     + ",".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    lines.append(QUALITY_NOTE)
     if flagged:
         lines.append(f"below the linear probe (under-tuned or broken): {', '.join(flagged)}")
     return "\n".join(lines)

@@ -2,10 +2,13 @@
 
 A search picks the maximum over its trials, so the winner's score is biased upward and
 says nothing about seed-to-seed spread. After the search, every group that searched
-(pretrained backbones; cost-only runs are not confirmed) gets its best finished trial's
-whole run config re-run once per confirm seed, to the full epoch budget (no early
-stopping), as its own Tune experiment in `<study>/confirm/`. The rows are marked
-`role=confirm`; study.quality turns them into a mean with a bootstrap 95% CI.
+(pretrained backbones; cost-only runs are not confirmed) gets its winning trial's whole
+run config (`best_runs`: selected on validation) re-run once per confirm seed, to the full
+epoch budget (no early stopping), as its own Tune experiment in `<study>/confirm/`. Each
+confirm run scores its final model on the held-out test split (`eval_test`): `test_metric`
+on its row (`role=confirm`) and its per-example predictions, collected into
+`predictions.parquet` beside trials.parquet. study.quality turns the seeds' test scores into
+a mean with a Student-t 95% CI: selection reads validation, reporting reads test.
 
 The seed also draws the training subsample (`train_size`), the head's init and the data
 order, so the CI covers all three; side methods build one activation cache per seed.
@@ -17,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from study import collect, launch, prepare, quality, schema
+from study import collect, evp, launch, prepare, quality, schema
 from study.launch import Group
 from study.storage import Location
 
@@ -27,23 +30,30 @@ SUFFIX = "|confirm-s"  # a confirm group's name: <searched group>|confirm-s<seed
 
 
 def best_runs(grid: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per group in `names`: {"run": run config, "hp": searched values} of its best finished trial."""
-    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    """Per group in `names`: {"run": run config, "hp": searched values} of its winning search trial.
+
+    The winner is picked on what the searcher (ASHA + TPE) optimised: `final_metric`, the validation
+    metric after the last epoch, among the finished trials that ran their whole epoch budget; a trial
+    ASHA stopped early competes only when no trial of its group ran the whole budget. Never the maximum
+    over epochs (`best_metric`): the confirm runs report the final epoch's model, so the winner is too.
+    """
+    best: dict[str, tuple[tuple[bool, float], dict[str, Any]]] = {}
     for result in grid:
         config = result.config or {}
         name, metrics = config.get("group"), result.metrics or {}
-        score = metrics.get("best_metric")
+        score = metrics.get("final_metric")
         if name not in names or metrics.get("status") != "ok" or score is None or result.error is not None:
             continue
-        if name not in best or score > best[name][0]:
-            best[name] = (float(score), {"run": dict(config["run"]), "hp": dict(config.get("hp") or {})})
+        key = (not collect.early_stopped(metrics, config["run"]), float(score))  # full budget first, then score
+        if name not in best or key > best[name][0]:
+            best[name] = (key, {"run": dict(config["run"]), "hp": dict(config.get("hp") or {})})
     return {name: winner for name, (_, winner) in best.items()}
 
 
 def confirm_groups(groups: Sequence[Group], best: dict[str, dict[str, Any]], seeds: Sequence[int]) -> list[Group]:
-    """One single-trial group per (searched group with a winner, seed)."""
-    return [Group(name=f"{g.name}{SUFFIX}{seed}", run={**best[g.name]["run"], "seed": seed}, space={}, n_trials=1,
-                  resources=g.resources)
+    """One single-trial group per (searched group with a winner, seed), scored on the test split at the end."""
+    return [Group(name=f"{g.name}{SUFFIX}{seed}", run={**best[g.name]["run"], "seed": seed, "eval_test": True},
+                  space={}, n_trials=1, resources=g.resources)
             for g in groups if g.name in best for seed in seeds]
 
 
@@ -60,6 +70,7 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
     best = best_runs(grid, [g.name for g in searched]) if grid is not None else {}
     groups = confirm_groups(searched, best, seeds)
     missing = sorted({g.name for g in searched} - set(best))
+    predictions: list[dict] = []  # per test example, re-read from every confirm trial's checkpoint (also on resume)
     if missing:
         log(f"confirm: no finished trial to confirm for {', '.join(missing)}")
     if groups:
@@ -81,16 +92,21 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
                 row.update({f"hp.{k}": v for k, v in best.get(searched_name, {}).get("hp", {}).items()})
             trials, epochs = trials + rows, epochs + more
             collect.write(out, trials, epochs)
+            predictions = collect.prediction_rows(name, grid)
+            schema.write_predictions(predictions, out / "predictions.parquet")
         if stopped is not None:
-            write_quality(out, trials)
+            write_quality(out, trials, predictions)
             raise stopped
     trials = collect.with_cache_shares(trials)
     collect.write(out, trials, epochs)
-    write_quality(out, trials)
+    write_quality(out, trials, predictions)
     return trials, epochs
 
 
-def write_quality(out: Location, trials: list[dict]) -> Location:
-    """quality.parquet from the finished rows (`weights` says which are random: their metric means nothing)."""
-    rows = quality.quality_rows(trials)
+def write_quality(out: Location, trials: list[dict], predictions: list[dict] | None = None) -> Location:
+    """quality.parquet from the finished rows (`weights` says which are random: their metric means nothing);
+    `predictions` (the confirm runs') add the intervals with evaluation-set noise; evp.parquet beside it: the
+    expected best validation score of k search trials per method (study.evp)."""
+    rows = quality.quality_rows(trials, predictions)
+    schema.write_evp(evp.evp_rows(trials), out / "evp.parquet")
     return schema.write_quality(rows, out / "quality.parquet")

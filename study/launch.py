@@ -23,12 +23,15 @@ import optuna
 import ray
 from optuna.samplers import TPESampler
 from ray import tune
+from ray.air.constants import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from study.collect import early_stopped
 from study.spaces import split_hp
 from study.storage import Location, tune_storage
+from trainables.loop import RunConfig
 from trainables.methods import get_method
 from trainables.ray_trainable import OBJECTIVE, TrialTrainable
 
@@ -74,7 +77,17 @@ def group_seed(seed: int, name: str) -> int:
 
 
 class GroupedSearch(Searcher):
-    """One seeded OptunaSearch per group, handed trials round-robin until each budget is spent."""
+    """One seeded OptunaSearch per group, handed trials round-robin until each budget is spent.
+
+    A trial ASHA stopped before its epoch budget is told to its Optuna study as PRUNED, not
+    COMPLETE: its last validation metric is from an earlier epoch than a finished trial's, and
+    slow starters (READ, LST, SHERL, prompt tuning) would otherwise pass as bad configurations.
+    Every epoch's metric reaches Optuna as an intermediate value (OptunaSearch.on_trial_result; Tune
+    withholds the result its scheduler stopped a trial on, so that one is reported at completion).
+    Optuna's TPE ranks complete trials above pruned ones, and pruned ones by the epoch they reached,
+    then by their last intermediate value. A trial Tune saw fail is FAIL (TPE ignores it); one the
+    loop ended as oom or diverged reported the failed objective and is COMPLETE at that value.
+    """
 
     def __init__(self, groups: Sequence[Group], metric: str, mode: str, seed: int = 0):
         super().__init__(metric=metric, mode=mode)
@@ -86,6 +99,7 @@ class GroupedSearch(Searcher):
                                                              n_startup_trials=max(2, g.n_trials // 3)))
                      for g in groups if g.space}
         self.owner: dict[str, str] = {}
+        self.budget: dict[str, int] = {}  # trial id -> its epochs (the group's, or a searched value)
         self.turn = 0
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -103,6 +117,7 @@ class GroupedSearch(Searcher):
             run_hp, method_hp = split_hp(hp)
             run = {**group.run, **run_hp,
                    "method_config": {**group.run.get("method_config", {}), **method_hp}}
+            self.budget[trial_id] = int(run.get("epochs", RunConfig.epochs))
             return {"group": name, "hp": hp, "run": run, "resources": group.resources}
         return Searcher.FINISHED
 
@@ -113,8 +128,16 @@ class GroupedSearch(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         sub = self.subs.get(self.owner.get(trial_id, ""))
-        if sub is not None:
-            sub.on_trial_complete(trial_id, result=result, error=error or not result or OBJECTIVE not in result)
+        if sub is None:
+            return
+        if error or not result or OBJECTIVE not in result:
+            sub.on_trial_complete(trial_id, result=None, error=True)  # FAIL
+        elif early_stopped(result, {"epochs": self.budget.get(trial_id)}):
+            if TRAINING_ITERATION in result:  # the epoch ASHA stopped it at: never passed to on_trial_result
+                sub.on_trial_result(trial_id, result)
+            sub.on_trial_complete(trial_id, result=None, error=False)  # PRUNED at that epoch's value
+        else:
+            sub.on_trial_complete(trial_id, result=result, error=False)  # COMPLETE
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -9,9 +9,10 @@ nothing), vader-movies, and the methods the study's claims are about: the linear
 floor), READ, LST, SHERL, LoRA and full fine-tuning (the other baselines with --methods; all
 ten do not fit 25 minutes on 2 cores at this budget). Every method gets the same budget:
 8 trials of 160 optimisation steps (Optuna TPE after a short random start, ASHA within each
-method), then its best configuration re-run with 3 fresh seeds (study.confirm), evaluated on
-500 validation examples (one example = 0.2 points); quality is the seeds' mean with a
-bootstrap 95% CI (quality.parquet), and the linear probe is the floor.
+method, selected on 500 validation examples: one example = 0.2 points), then each method's
+winner (best final-epoch validation score among full-budget trials) re-run with 3 fresh seeds
+(study.confirm) and scored on the held-out test split; quality is the seeds' mean test score with
+a Student-t 95% CI (quality.parquet), and the linear probe is the floor.
 
 On a GPU budget (a local GPU, or --gpu-memory-gib G from a CPU head) the ladder is every
 registered checkpoint up to --max-model, and every pair whose estimated step fits runs
@@ -118,7 +119,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--confirm-seeds", type=int, default=None, help="seeds the best configuration is re-run with "
-                   "(default 3; 0: no confirm phase, quality is then the search best without a CI)")
+                   "(default 3; 0: no confirm phase: every cell is then unconfirmed, with no test score or verdict)")
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke study")
     p.add_argument("--no-memory-estimates", action="store_true", help="skip the per-pair memory estimates")
     p.add_argument("--estimate-ladder", action="store_true",
