@@ -206,49 +206,53 @@ def test_reference_lrs_per_family_and_search_spaces_contain_them():
 # ----------------------------------------------------------------------------- seeds, roles, confidence intervals
 
 
-def _row(method, best, role="search", seed=0, backbone="minilm-l6", **kw):
-    return {"study": "s", "method": method, "backbone": backbone, "task": "vader-movies", "train_size": 800,
-            "metric_name": "accuracy", "weights": "pretrained", "status": "ok", "best_metric": best, "role": role,
-            "seed": seed, **kw}
+def _row(method, score, role="search", seed=0, backbone="minilm-l6", **kw):
+    """A finished trial: search rows score on validation (`final_metric`), confirm rows on test too."""
+    test = {"test_metric": score} if role == "confirm" else {}
+    return {"study": "s", "trial_id": f"{method}-{role}-{seed}-{score}", "method": method, "backbone": backbone,
+            "task": "vader-movies", "train_size": 800, "metric_name": "accuracy", "weights": "pretrained",
+            "status": "ok", "final_metric": score, "best_metric": score, "role": role, "seed": seed, "epochs_run": 4,
+            **test, **kw}
 
 
-def test_quality_is_the_confirm_seeds_mean_with_a_ci_that_covers_it(tmp_path):
+def test_quality_is_the_confirm_seeds_test_mean_with_a_t_interval(tmp_path):
     import pyarrow.parquet as pq
+    from scipy import stats
 
     from study import quality, schema
 
-    trials = [_row("read", 0.74), _row("read", 0.69)]
+    trials = [_row("read", 0.74), _row("read", 0.69, epochs_run=1, early_stopped=True), _row("read", 0.80,
+                                                                                              early_stopped=True)]
     trials += [_row("read", v, "confirm", s) for s, v in ((1, 0.71), (2, 0.70), (3, 0.73))]
     trials += [_row("probe", 0.70)] + [_row("probe", v, "confirm", s) for s, v in ((1, 0.70), (2, 0.71), (3, 0.72))]
     trials += [_row("lst", 0.52)] + [_row("lst", v, "confirm", s) for s, v in ((1, 0.50), (2, 0.55), (3, 0.51))]
     trials += [_row("lst", None, status="error"), _row("lora", 0.9, weights="random")]
     rows = {r["method"]: r for r in quality.quality_rows([t for t in trials if t["weights"] != "random"])}
     read = rows["read"]
-    assert read["seeds"] == 3 and read["search_trials"] == 2 and read["search_best"] == 0.74
-    assert read["mean"] == pytest.approx((0.71 + 0.70 + 0.73) / 3)
-    assert 0.70 - 1e-9 <= read["ci_low"] <= read["mean"] <= read["ci_high"] <= 0.73 + 1e-9  # within the seeds
-    assert read["ci_low"] < read["ci_high"]
-    assert read["probe_mean"] == pytest.approx(0.71) and read["below_probe"] is False
+    assert read["confirmed"] and read["seeds"] == 3 and read["seeds_failed"] == 0
+    # the search max is over trials that ran their budget (0.80 was stopped early), on validation
+    assert read["search_trials"] == 3 and read["search_best_val"] == 0.74
+    assert read["search_epochs"] == 9 and read["search_stopped"] == 2
+    assert read["mean"] == pytest.approx((0.71 + 0.70 + 0.73) / 3) and read["val_mean"] == pytest.approx(read["mean"])
+    half = stats.t.ppf(0.975, 2) * read["std"] / 3 ** 0.5  # Student-t at 3 seeds: wider than their range
+    assert (read["ci_low"], read["ci_high"]) == pytest.approx((read["mean"] - half, read["mean"] + half))
+    assert read["ci_low"] < 0.70 and read["ci_high"] > 0.73
+    assert read["probe_mean"] == pytest.approx(0.71) and read["below_probe"] is False  # paired: within noise
     assert rows["lst"]["below_probe"] is True and rows["probe"]["below_probe"] is None  # the floor itself
+    assert rows["lst"]["search_trials"] == 2 and rows["lst"]["seeds_failed"] == 0  # a failed search trial is no seed
+    assert read["ci_low_examples"] is None  # no predictions given
     path = schema.write_quality(list(rows.values()), tmp_path / "quality.parquet")
     table = pq.read_table(path)
     assert [f.name for f in table.schema] == [f.name for f in schema.QUALITY_FIELDS]
-    # a method that was only searched: its best, no CI
+    assert all(set(r) == {f.name for f in schema.QUALITY_FIELDS} for r in rows.values())
+    assert quality.fmt(read) == f"{read['mean']:.3f} [{read['ci_low']:.3f}, {read['ci_high']:.3f}]"
+    # a method that was only searched: unconfirmed, no mean, its search max labelled as one
     only = quality.quality_rows([_row("full", 0.8), _row("full", 0.7)])[0]
-    assert only["mean"] == 0.8 and only["ci_low"] is None and only["seeds"] == 0
-
-
-def test_summary_table_prints_ci_and_flags_methods_below_the_probe():
-    from study.collect import summary_table
-
-    trials = [_row("probe", 0.70)] + [_row("probe", v, "confirm", s) for s, v in ((1, 0.70), (2, 0.71), (3, 0.72))]
-    trials += [_row("lst", 0.52)] + [_row("lst", v, "confirm", s) for s, v in ((1, 0.50), (2, 0.55), (3, 0.51))]
-    # a random-weight cost run's metric means nothing: below its probe, it is not flagged
-    trials += [_row(m, v, backbone="llama-11m", weights="random") for m, v in (("probe", 0.55), ("read", 0.47))]
-    text = summary_table(trials)
-    assert "quality: mean [95% CI]" in text and "0.710 [" in text
-    assert "below the linear probe (under-tuned or broken): lst on minilm-l6" in text.splitlines()[-1]
-    assert "llama-11m" not in text.splitlines()[-1]
+    assert not only["confirmed"] and only["mean"] is None and only["ci_low"] is None and only["seeds"] == 0
+    assert only["search_best_val"] == 0.8 and quality.fmt(only, search=True) == "unconfirmed, search max (val) 0.80"
+    # every confirm seed failed: unconfirmed, and the failures are counted, not hidden
+    failed = quality.quality_rows([_row("full", 0.8), _row("full", None, "confirm", 1, status="oom")])[0]
+    assert not failed["confirmed"] and failed["seeds_failed"] == 1 and quality.fmt(failed) == "unconfirmed (1 failed)"
 
 
 def test_role_and_pooling_columns_are_in_the_trials_schema():
@@ -256,29 +260,6 @@ def test_role_and_pooling_columns_are_in_the_trials_schema():
 
     for name in ("role", "seed", "pooling", "method_config"):
         assert name in schema.TRIAL_COLUMNS
-
-
-class _Result:  # the two attributes of a Tune Result that the confirm phase reads
-    def __init__(self, group, lr, best, status="ok"):
-        self.config = {"group": group, "hp": {"lr": lr}, "run": {"method": group.split("|")[0], "lr": lr, "seed": 0}}
-        self.metrics = {"best_metric": best, "status": status}
-        self.error = None
-
-
-def test_confirm_reruns_each_groups_best_config_with_fresh_seeds():
-    from study import confirm
-    from study.launch import Group
-
-    grid = [_Result("read|m", 1e-3, 0.70), _Result("read|m", 3e-4, 0.74), _Result("read|m", 1e-2, 0.99, "diverged"),
-            _Result("lst|m", 3e-3, 0.60), _Result("full|x", 1e-5, 0.9)]
-    searched = [Group("read|m", {}, {}, 3), Group("lst|m", {}, {}, 1)]
-    best = confirm.best_runs(grid, [g.name for g in searched])
-    assert best["read|m"]["run"]["lr"] == 3e-4 and best["read|m"]["hp"] == {"lr": 3e-4}
-    assert "full|x" not in best  # not a searched group (a cost-only run)
-    groups = confirm.confirm_groups(searched, best, seeds=(1, 2, 3))
-    assert [(g.name, g.run["seed"], g.run["lr"], g.n_trials) for g in groups[:3]] == [
-        ("read|m|confirm-s1", 1, 3e-4, 1), ("read|m|confirm-s2", 2, 3e-4, 1), ("read|m|confirm-s3", 3, 3e-4, 1)]
-    assert len(groups) == 6 and all(not g.space for g in groups)
 
 
 # ----------------------------------------------------------------------------- cost that counts the cache build
@@ -322,25 +303,3 @@ def test_the_default_budget_measures_methods():
     assert 100 / s.max_eval_examples <= 0.2
     assert "probe" in scaling.DEFAULT_METHODS and "probe" in scaling.QUICK_METHODS
     assert all(backbones.weights_here(backbones.get_spec(b)) or b.startswith("llama-") for b in scaling.DEFAULT_RUN_BACKBONES)
-
-
-def test_summary_search_column_is_the_best_search_trial_not_a_confirm_seed():
-    from study.collect import summary_table
-
-    rows = [dict(method="full", backbone="m", status="ok", role="search", best_metric=0.78, seed=0),
-            dict(method="full", backbone="m", status="ok", role="search", best_metric=0.70, seed=0),
-            dict(method="full", backbone="m", status="ok", role="confirm", best_metric=0.82, seed=1),
-            dict(method="full", backbone="m", status="ok", role="confirm", best_metric=0.80, seed=2)]
-    line = summary_table(rows).splitlines()[2]
-    assert " 0.780 " in line and "0.810 [0.800, 0.820]" in line
-
-
-def test_summary_has_a_line_per_training_size_when_a_study_has_several():
-    from study.collect import summary_table
-
-    rows = [_row("read", v, seed=s, train_size=n) for n, vs in ((64, (0.60, 0.66)), (512, (0.74, 0.75)))
-            for s, v in enumerate(vs)]
-    lines = summary_table(rows).splitlines()[2:]
-    assert [line.split()[:3] for line in lines] == [["read", "minilm-l6", "n=64"], ["read", "minilm-l6", "n=512"]]
-    assert " 0.660 " in lines[0] and " 0.750 " in lines[1]  # each size's own best, not the other's
-    assert "n=" not in summary_table([_row("read", 0.7)])  # one size: no size column
