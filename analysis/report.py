@@ -114,7 +114,8 @@ def staged(where: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="analysis-report-") as tmp:
         folder = Path(tmp)
-        for name in ("trials.parquet", "epochs.parquet", "verdicts.json"):
+        for name in ("trials.parquet", "epochs.parquet", "quality.parquet", "predictions.parquet", "evp.parquet",
+                     "verdicts.json"):
             if (loc / name).is_file():
                 (loc / name).download(folder / name)
         yield folder
