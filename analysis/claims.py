@@ -4,7 +4,7 @@ Every function takes the tables as DataFrames (read with `read_trials` / `read_e
 which check the schema version), so the rules can be tested on planted tables. A
 verdict is one of SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE or NO_DATA, with the number it
 rests on, its confidence interval where one makes sense, n, and details that say where
-the numbers came from. Only `study.schema` is imported from the project.
+the numbers came from. Only `study.schema` and `study.quality` are imported from the project.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ import numpy as np
 import pandas as pd
 
 from study import schema
-from study.quality import FLOOR, bootstrap_ci, quality_rows  # one CI for the study and the analysis
+from study.quality import (
+    FLOOR,
+    confirm_runs,
+    examples_interval,
+    paired_seeds,
+    predictions_by_trial,
+    quality_rows,
+    stacked,
+)
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA)
@@ -32,7 +40,6 @@ FLOOR_CLAIM = "clears-the-probe-floor"  # a tuned method beats the linear probe 
 CONVERGENCE_CLAIM = "read-slower-convergence-small-data"
 
 FLAT_SLOPE = 0.05  # |log-log slope| at most this is "flat": doubling the axis changes the count by < 3.5%
-TARGET_FRACTION = 0.95  # epochs-to-target: first epoch within 5% of the trial's best metric
 COST_TOLERANCE = 0.10  # a cost claim holds if the measured change is within 10 points of the paper's, or better
 
 
@@ -73,6 +80,44 @@ def plain(value: Any) -> Any:
     return value
 
 
+# --------------------------------------------------------------------------- error control, shared by the claims
+
+ALPHA = 0.05
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (None/NaN: not tested, stays NaN, not in the family).
+
+    One family is every comparison one claim makes on one table. Holm controls the family-wise
+    error rate at alpha under any dependence between the comparisons (cells of one table share a
+    probe, a backbone, a test set), and is uniformly more powerful than Bonferroni.
+    """
+    p = np.array([np.nan if v is None else v for v in pvalues], dtype=float)
+    tested = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(len(p), np.nan)
+    running = 0.0
+    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, (len(tested) - rank) * p[i]))  # monotone: never below an earlier step
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def decide(effect: float | None, ci: tuple[float, float] | None, p_adjusted: float | None,
+           alpha: float = ALPHA) -> str:
+    """The verdict of one comparison whose claim is "effect > 0".
+
+    Supported iff the (family-adjusted) p < alpha and effect > 0; not supported iff p < alpha and
+    effect < 0; inconclusive otherwise, and always when the effect's interval spans zero or any
+    input is missing. A caller with no comparison at all reports NO_DATA itself.
+    """
+    if effect is None or ci is None or p_adjusted is None or not all(
+            math.isfinite(x) for x in (effect, ci[0], ci[1], p_adjusted)):
+        return INCONCLUSIVE
+    if ci[0] <= 0.0 <= ci[1] or p_adjusted >= alpha:
+        return INCONCLUSIVE
+    return SUPPORTED if effect > 0 else NOT_SUPPORTED if effect < 0 else INCONCLUSIVE
+
+
 # --------------------------------------------------------------------------- reading and writing
 
 def read_trials(results_dir: str | Path) -> pd.DataFrame:
@@ -92,6 +137,11 @@ def read_epochs(results_dir: str | Path) -> pd.DataFrame:
     if not path.exists():  # a study that only planned has no epochs
         return pd.DataFrame(columns=schema.EPOCH_COLUMNS)
     return schema.read(path).to_pandas()
+
+
+def read_predictions(results_dir: str | Path) -> pd.DataFrame:
+    """predictions.parquet: one row per confirm trial × test example (schema version checked)."""
+    return schema.read(Path(results_dir) / "predictions.parquet").to_pandas()
 
 
 def write_verdicts(verdicts: Sequence[Verdict], results_dir: str | Path,
@@ -342,115 +392,8 @@ def t5_verdict(method: str = "read") -> Verdict:
 
 # --------------------------------------------------------------------------- 2. convergence
 
-PAIR_KEYS = ["backbone", "task", "train_size", "seed"]
-
-
-def epochs_to_target(epochs: pd.DataFrame, fraction: float = TARGET_FRACTION) -> pd.DataFrame:
-    """Per trial, from its per-epoch metric: the first epoch within `fraction` of its best (higher is better).
-
-    Recomputed here rather than trusted from the trials table, so the rule is the one stated
-    in this module whatever the training loop recorded.
-    """
-    cols = ["trial_id", "epochs_to_target", "best_metric_epochs", "best_epoch_epochs", "epochs_recorded",
-            "last_epoch"]
-    e = epochs.dropna(subset=["eval_metric"]).drop_duplicates(["trial_id", "epoch"], keep="last")
-    rows = []
-    for trial_id, g in e.sort_values("epoch").groupby("trial_id", sort=False):
-        metric, epoch = g["eval_metric"].to_numpy(float), g["epoch"].to_numpy()
-        best = metric.max()
-        target = best - (1.0 - fraction) * abs(best)
-        rows.append({"trial_id": trial_id, "epochs_to_target": int(epoch[np.argmax(metric >= target)]),
-                     "best_metric_epochs": float(best), "best_epoch_epochs": int(epoch[np.argmax(metric)]),
-                     "epochs_recorded": len(g), "last_epoch": int(epoch[-1])})
-    return pd.DataFrame(rows, columns=cols)
-
-
-def convergence_table(trials: pd.DataFrame, epochs: pd.DataFrame,
-                      fraction: float = TARGET_FRACTION) -> pd.DataFrame:
-    """Finished trials with epochs-to-target recomputed from epochs.parquet, the trials column beside it."""
-    ok = trials[trials["status"] == "ok"]
-    keep = ["trial_id", "method", *PAIR_KEYS, "epochs", "epochs_to_target"]
-    table = ok[keep].rename(columns={"epochs_to_target": "ett_reported"}).merge(
-        epochs_to_target(epochs, fraction), on="trial_id", how="inner")
-    table["reported_agrees"] = table["ett_reported"].isna() | (table["ett_reported"] == table["epochs_to_target"])
-    return table
-
-
-def paired_differences(table: pd.DataFrame, method: str = "read", other: str = "lora") -> pd.DataFrame:
-    """Epochs-to-target of `method` minus `other`, paired on backbone, task, size and seed."""
-    def mean_ett(m: str) -> pd.Series:
-        return table[table["method"] == m].groupby(PAIR_KEYS, dropna=False)["epochs_to_target"].mean()
-
-    both = pd.concat({method: mean_ett(method), other: mean_ett(other)}, axis=1, join="inner").reset_index()
-    both["diff"] = both[method] - both[other]
-    return both
-
-
-MIN_PAIRS = 3  # a bootstrap over two pairs can only ever return their two values: no evidence
-
-
-def difference_rule(n: int, ci: tuple[float, float] | None) -> str:
-    """CI of the mean difference entirely > 0 → supported, entirely <= 0 → not supported; n < 3 → inconclusive."""
-    if n < MIN_PAIRS or ci is None:
-        return INCONCLUSIVE
-    if ci[0] > 0:
-        return SUPPORTED
-    if ci[1] <= 0:
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
-
-
-def convergence_verdicts(trials: pd.DataFrame, epochs: pd.DataFrame, method: str = "read",
-                         comparators: Sequence[str] | None = None, seed: int = 0) -> list[Verdict]:
-    """READ needs more epochs than other methods on small data: one verdict per size × comparator.
-
-    Comparators default to LoRA, adapter and full FT, then any other method in the table.
-    """
-    rule = ("bootstrap 95% CI of mean(READ − other epochs-to-target) entirely > 0 → supported; "
-            f"entirely <= 0 → not supported, unless most {method} trials peaked at their last epoch; otherwise, "
-            f"or fewer than {MIN_PAIRS} pairs → inconclusive")
-    table = convergence_table(trials, epochs)
-    present = list(dict.fromkeys(table["method"]))
-    if method not in present:
-        return [Verdict(CONVERGENCE_CLAIM, "all sizes", NO_DATA, None, None, 0,
-                        {"rule": rule, "summary": f"no finished {method} trials with per-epoch metrics"})]
-    preferred = [m for m in ("lora", "adapter", "full") if m in present]
-    others = list(comparators) if comparators is not None else preferred + sorted(
-        m for m in present if m not in preferred and m != method)
-    mismatches = int((~table["reported_agrees"]).sum())
-    out: list[Verdict] = []
-    for other in others:
-        diffs = paired_differences(table, method, other)
-        if diffs.empty:
-            out.append(Verdict(CONVERGENCE_CLAIM, f"{method} − {other}", NO_DATA, None, None, 0,
-                               {"comparator": other, "rule": rule,
-                                "summary": f"no (size, seed) where both {method} and {other} finished"}))
-            continue
-        for (backbone, size), g in diffs.groupby(["backbone", "train_size"]):  # no size: nothing to pair on
-            ci = bootstrap_ci(g["diff"], seed=seed)
-            verdict = difference_rule(len(g), ci)
-            mine = table[(table["method"] == method) & (table["backbone"] == backbone)
-                         & (table["train_size"] == size)]
-            censored = int((mine["best_epoch_epochs"] == mine["last_epoch"]).sum())
-            if verdict == NOT_SUPPORTED and 2 * censored > len(mine):
-                verdict = INCONCLUSIVE  # most were still improving when the budget ended: not "converged sooner"
-            mean = float(g["diff"].mean())
-            ci_text = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "n/a"
-            out.append(Verdict(
-                CONVERGENCE_CLAIM, f"{backbone}, train_size={int(size)}: {method} − {other}", verdict, mean, ci,
-                len(g),
-                {"comparator": other, "backbone": backbone, "train_size": int(size),
-                 "seeds": g["seed"].tolist(), "differences": g["diff"].tolist(),
-                 f"mean_{method}": float(g[method].mean()), f"mean_{other}": float(g[other].mean()),
-                 "epoch_budget": int(table["epochs"].max()) if table["epochs"].notna().any() else None,
-                 f"{method}_best_at_last_epoch": censored, "target_fraction": TARGET_FRACTION,
-                 "reported_column_mismatches": mismatches,
-                 "source": "epochs.parquet eval_metric (recomputed epochs-to-target)", "rule": rule,
-                 "summary": (f"train_size {int(size)}: {method} − {other} = {mean:+.2f} epochs "
-                             f"(95% CI {ci_text}, n={len(g)} pairs)"
-                             + (f"; {censored} of {len(mine)} {method} trials peaked at their last epoch "
-                                "(may need more than the budget)" if censored else ""))}))
-    return out
+# analysis/convergence.py: one fixed threshold per (backbone, task, size), steps to it right-censored at the
+# budget, Kaplan–Meier and a permutation log-rank test, Holm, `decide` (it imports this module, not back)
 
 
 # --------------------------------------------------------------------------- 3. memory and energy
@@ -573,21 +516,55 @@ def _missing_cost(trials: pd.DataFrame, c: CostClaim, source: str) -> dict[str, 
 
 # --------------------------------------------------------------------------- 4. quality per cost
 
+CELL = ["backbone", "task", "train_size"]
+QUALITY_COLUMNS = ["confirmed", "mean", "ci_low", "ci_high", "ci_low_examples", "ci_high_examples", "seeds",
+                   "seeds_failed", "search_best_val", "probe_mean", "below_probe"]
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts of Python values, nulls as None (study.quality's input)."""
+    return [{k: None if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)) else v
+             for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def _predictions(predictions: pd.DataFrame | None) -> list[dict[str, Any]] | None:
+    return None if predictions is None else predictions[["trial_id", "example", "label", "prediction"]].to_dict(
+        "records")
+
+
 def best_per_method(trials: pd.DataFrame) -> pd.DataFrame:
-    """The best finished trial per backbone × method (after tuning), ties to the lower peak memory."""
-    cols = ["backbone", "method", "weights", "metric_name", "best_metric", "peak_memory_bytes", "memory_source",
-            "params_trainable", "trial_id", "trials"]
-    ok = trials[(trials["status"] == "ok") & trials["best_metric"].notna()]
-    if ok.empty:
-        return pd.DataFrame(columns=cols)
-    ranked = ok.sort_values(["best_metric", "peak_memory_bytes"], ascending=[False, True], na_position="last")
-    best = ranked.groupby(["backbone", "method"], sort=False).head(1).copy()
-    best["trials"] = best.set_index(["backbone", "method"]).index.map(ok.groupby(["backbone", "method"]).size())
-    return best[cols].sort_values(["backbone", "method"], ignore_index=True)
+    """Per method × backbone × task × size: the costs of the configuration the study reports.
+
+    A confirmed cell's costs are its confirm runs' (the search winner re-run; median peak memory);
+    an unconfirmed cell's are those of its best finished search trial (final validation metric,
+    full-budget trials first), shown for reference: such a cell has no quality to put on a front.
+    """
+    cols = ["backbone", "task", "train_size", "method", "weights", "metric_name", "peak_memory_bytes",
+            "memory_source", "params_trainable", "trial_id", "trials", "cost_from"]
+    ok = trials[trials["status"] == "ok"]
+    rows = []
+    for key, g in ok.groupby([*CELL, "method"], sort=False, dropna=False):
+        confirm = g[(g["role"] == "confirm") & g["test_metric"].notna()]
+        if len(confirm):
+            first, source = confirm.sort_values("trial_id").iloc[0], "confirm"
+            memory = confirm["peak_memory_bytes"].median()
+        else:
+            search = g[g["role"].ne("confirm")]
+            if search.empty:
+                continue
+            ranked = search.assign(_full=~search["early_stopped"].eq(True)).sort_values(
+                ["_full", "final_metric", "peak_memory_bytes"], ascending=[False, False, True], na_position="last")
+            first, source = ranked.iloc[0], "search"
+            memory = first["peak_memory_bytes"]
+        rows.append({**dict(zip([*CELL, "method"], key, strict=True)), "weights": first.get("weights"),
+                     "metric_name": first.get("metric_name"), "peak_memory_bytes": memory,
+                     "memory_source": first.get("memory_source"), "params_trainable": first.get("params_trainable"),
+                     "trial_id": first["trial_id"], "trials": len(g), "cost_from": source})
+    return pd.DataFrame(rows, columns=cols).sort_values([*CELL, "method"], ignore_index=True)
 
 
-def pareto_front(frame: pd.DataFrame, cost: str, metric: str = "best_metric") -> pd.Series:
-    """True where no other point costs no more and scores no less, and is strictly better in one."""
+def pareto_front(frame: pd.DataFrame, cost: str, metric: str = "mean") -> pd.Series:
+    """True where no other point costs no more and scores no less, and is strictly better in one (NaN: never)."""
     cost_v, metric_v = frame[cost].to_numpy(float), frame[metric].to_numpy(float)
     valid = ~(np.isnan(cost_v) | np.isnan(metric_v))
     front = []
@@ -601,65 +578,111 @@ def pareto_front(frame: pd.DataFrame, cost: str, metric: str = "best_metric") ->
     return pd.Series(front, index=frame.index, dtype=bool)
 
 
-QUALITY_COLUMNS = ["mean", "ci_low", "ci_high", "seeds", "probe_mean", "below_probe"]
-
-
-def quality(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per method × backbone (× task, train size): the confirm seeds' mean and bootstrap 95% CI, the probe
-    floor, and whether the method fell below it (study.quality)."""
-    records = trials[trials["status"] != "estimated"].astype(object).where(trials.notna(), None).to_dict("records")
-    rows = quality_rows(records)
-    cols = ["method", "backbone", "weights", "task", "train_size", "metric_name", "search_trials", "search_best",
-            *QUALITY_COLUMNS]
+def quality(trials: pd.DataFrame, predictions: pd.DataFrame | None = None) -> pd.DataFrame:
+    """quality.parquet's rows (study.quality): per cell the confirm seeds' mean TEST score with its Student-t
+    95% CI (and the seeds + test examples interval when predictions are given), failures, the probe floor."""
+    cols = [f.name for f in schema.QUALITY_FIELDS]
+    rows = quality_rows(_records(trials[trials["status"] != "estimated"]), _predictions(predictions))
     return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
 
 
-def quality_per_cost(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per method on each backbone: the best search trial's costs, the reported quality (confirm seeds' mean
-    and CI, else the search best) and the probe floor; flagged when on the Pareto front of memory and of
-    params (on the reported quality)."""
+def quality_per_cost(trials: pd.DataFrame, predictions: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per cell: the reported quality (confirm seeds' test mean and CI; null when unconfirmed), its costs, and
+    whether it is on the Pareto front of memory and of params among the confirmed cells of its backbone, task
+    and size. An unconfirmed cell stays in the table (its `search_best_val` is a labelled validation maximum)
+    and off every front."""
+    def key(values: Iterable[Any]) -> tuple:
+        return tuple(None if pd.isna(v) else v for v in values)
+
+    q = {key(r[k] for k in (*CELL, "method")): r for r in quality(trials, predictions).to_dict("records")}
     best = best_per_method(trials)
-    q = quality(trials)
-    if q.empty or "role" not in trials:
-        best = best.assign(mean=best["best_metric"], ci_low=np.nan, ci_high=np.nan, seeds=0, probe_mean=np.nan,
-                           below_probe=None)
-    else:
-        per = q.sort_values("mean", ascending=False).drop_duplicates(["backbone", "method"])
-        best = best.merge(per[["backbone", "method", *QUALITY_COLUMNS]], on=["backbone", "method"], how="left")
-        best["mean"] = best["mean"].fillna(best["best_metric"])
+    cells = [q.get(key(k), {}) for k in best[[*CELL, "method"]].itertuples(index=False)]
+    best = pd.concat([best, pd.DataFrame([{c: r.get(c) for c in QUALITY_COLUMNS} for r in cells],
+                                         index=best.index, columns=QUALITY_COLUMNS)], axis=1)
+    best["mean"] = best["mean"].where(best["confirmed"].eq(True)).astype(float)
     best["front_memory"] = False
     best["front_params"] = False
-    for _, g in best.groupby("backbone"):
-        best.loc[g.index, "front_memory"] = pareto_front(g, "peak_memory_bytes", "mean")
-        best.loc[g.index, "front_params"] = pareto_front(g, "params_trainable", "mean")
+    for _, g in best.groupby(CELL, dropna=False):
+        best.loc[g.index, "front_memory"] = pareto_front(g, "peak_memory_bytes")
+        best.loc[g.index, "front_params"] = pareto_front(g, "params_trainable")
     return best
 
 
-def floor_verdicts(trials: pd.DataFrame) -> list[Verdict]:
+def floor_verdicts(trials: pd.DataFrame, predictions: pd.DataFrame | None = None) -> list[Verdict]:
     """Every tuned method against the linear probe on the same backbone, task and training-set size.
 
-    Rule: the method's 95% CI (over confirm seeds) entirely above the probe's mean → supported (it
-    clears the floor); entirely below → not supported (under-tuned or broken: the summary table and
-    the plots flag it too); otherwise inconclusive; no probe or no seeds → no data.
+    The effect is the mean paired difference method − probe in test score over the confirm seeds
+    both ran (same seed: same training subsample), with its Student-t 95% CI and the paired
+    t-test's p-value; Holm's correction runs over every floor comparison of the table (one
+    family). Holm-adjusted p < 0.05 and effect > 0 → supported (clears the floor); p < 0.05 and
+    effect < 0 → not supported (under-tuned or broken); otherwise inconclusive. No verdict on an
+    unconfirmed cell, random weights or no confirmed probe (no data); fewer than 2 paired seeds
+    or a failed confirm seed in either cell → inconclusive, the reason in the details. With
+    predictions, the seeds + test examples interval of the effect is in the details beside it.
     """
-    q = quality(trials)
-    rule = ("method's bootstrap 95% CI over seeds entirely above the probe's mean → supported; entirely below → "
-            "not supported (under-tuned or broken); overlapping → inconclusive")
-    out = []
-    for r in q[q["method"] != FLOOR].itertuples():
-        scope = f"{r.method} on {r.backbone} ({r.task}, n={r.train_size})"
-        base = {"method": r.method, "backbone": r.backbone, "task": r.task, "train_size": r.train_size, "rule": rule,
-                "mean": r.mean, "probe_mean": r.probe_mean, "seeds": int(r.seeds)}
-        if r.weights == "random" or pd.isna(r.probe_mean) or pd.isna(r.ci_low):
-            why = ("random weights: a cost run, its metric means nothing" if r.weights == "random"
-                   else "no probe on this backbone" if pd.isna(r.probe_mean) else "fewer than 2 confirm seeds")
-            out.append(Verdict(FLOOR_CLAIM, scope, NO_DATA, None, None, int(r.seeds), {**base, "summary": f"no data: {why}"}))
+    records = _records(trials[trials["status"] != "estimated"])
+    rows = quality_rows(records)
+    runs, by_trial = confirm_runs(records), predictions_by_trial(_predictions(predictions) or [])
+    rule = ("mean paired (by seed) test difference method − probe; Holm over all floor comparisons: adjusted "
+            "p < 0.05 and > 0 → supported; adjusted p < 0.05 and < 0 → not supported (under-tuned or broken); "
+            "otherwise, an interval spanning 0, < 2 paired seeds or a failed seed → inconclusive")
+    probes = {tuple(r[k] for k in CELL): r for r in rows if r["method"] == FLOOR}
+    pending: list[dict[str, Any]] = []
+    for r in (r for r in rows if r["method"] != FLOOR):
+        key = tuple(r[k] for k in CELL)
+        probe = probes.get(key)
+        base = {"method": r["method"], **dict(zip(CELL, key, strict=True)), "rule": rule, "mean": r["mean"],
+                "probe_mean": probe["mean"] if probe else None, "seeds": r["seeds"],
+                "seeds_failed": r["seeds_failed"], "probe_seeds_failed": probe["seeds_failed"] if probe else None}
+        item = {"scope": f"{r['method']} on {r['backbone']} ({r['task']}, n={r['train_size']})", "base": base,
+                "verdict": NO_DATA, "diff": None, "p": None}
+        pending.append(item)
+        failed = (r["seeds_failed"] or 0) + ((probe or {}).get("seeds_failed") or 0)
+        lost = f" ({r['seeds_failed']} failed)" if r["seeds_failed"] else ""
+        why = ("random weights: a cost run, its metric means nothing" if r["weights"] == "random"
+               else f"unconfirmed: no confirm seed finished{lost}" if not r["confirmed"]
+               else "no confirmed probe on this backbone, task and size" if not (probe and probe["confirmed"])
+               else None)
+        if why:
+            item["why"] = why
             continue
-        diff, ci = r.mean - r.probe_mean, (r.ci_low - r.probe_mean, r.ci_high - r.probe_mean)
-        verdict = SUPPORTED if ci[0] > 0 else NOT_SUPPORTED if ci[1] < 0 else INCONCLUSIVE
-        words = {SUPPORTED: "clears the probe", NOT_SUPPORTED: "below the probe: under-tuned or broken",
-                 INCONCLUSIVE: "within noise of the probe"}[verdict]
-        out.append(Verdict(FLOOR_CLAIM, scope, verdict, float(diff), (float(ci[0]), float(ci[1])), int(r.seeds),
-                           {**base, "summary": f"{r.method} {r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] vs probe "
-                                               f"{r.probe_mean:.3f} on {r.backbone}: {words}"}))
+        diff = paired_seeds(runs.get((r["method"], *key), {}), runs.get((FLOOR, *key), {}))
+        item.update(diff=diff, verdict=INCONCLUSIVE)
+        if diff is None or diff.ci is None:
+            item["why"] = f"{diff.n if diff else 0} paired seed(s): fewer than 2, no interval"
+        elif failed:
+            item["why"] = (f"{r['seeds_failed']} failed confirm seed(s) here, {probe['seeds_failed']} in the probe: "
+                           "not judged on the survivors")
+        else:
+            item["p"] = diff.p
+        if diff is not None and by_trial and diff.n >= 2:
+            shared = sorted(set(runs[(r["method"], *key)]) & set(runs[(FLOOR, *key)]))
+            stack = stacked(by_trial, [runs[(m, *key)][s]["trial_id"] for m in (r["method"], FLOOR) for s in shared])
+            if stack is not None:
+                ex = examples_interval(stack[0][:len(shared)], stack[1], str(r["metric_name"]),
+                                       other=stack[0][len(shared):])
+                base["ci_seeds_and_examples"] = list(ex) if ex else None
+    adjusted = holm([item["p"] for item in pending])
+    family = sum(item["p"] is not None for item in pending)
+    out = []
+    for item, p_adj in zip(pending, adjusted, strict=True):
+        base, diff = item["base"], item["diff"]
+        if item["p"] is not None:
+            item["verdict"] = decide(diff.mean, diff.ci, p_adj)
+        details = {**base, "paired_seeds": diff.n if diff else 0, "p_value": item["p"],
+                   "p_holm": None if math.isnan(p_adj) else p_adj, "family_size": family}
+        if "why" in item:
+            details["reason"] = item["why"]
+        if diff is None:
+            summary = f"{item['verdict']}: {item.get('why')}"
+        else:
+            ci = f"[{diff.ci[0]:+.3f}, {diff.ci[1]:+.3f}]" if diff.ci else "n/a"
+            words = {SUPPORTED: "clears the probe", NOT_SUPPORTED: "below the probe: under-tuned or broken",
+                     INCONCLUSIVE: item.get("why") or "within noise of the probe"}[item["verdict"]]
+            ex = base.get("ci_seeds_and_examples")
+            summary = (f"{base['method']} − probe = {diff.mean:+.3f} (95% CI {ci}, {diff.n} seeds"
+                       + (f"; with test-set noise [{ex[0]:+.3f}, {ex[1]:+.3f}]" if ex else "")
+                       + (f"; Holm p = {p_adj:.3g} of {family}" if item["p"] is not None else "") + f"): {words}")
+        out.append(Verdict(FLOOR_CLAIM, item["scope"], item["verdict"], None if diff is None else diff.mean,
+                           None if diff is None else diff.ci, diff.n if diff else 0, {**details, "summary": summary}))
     return out

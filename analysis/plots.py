@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
 from analysis import claims
+from analysis import convergence as cv
 
 MARKERS = {"llama": "o", "bert": "s", "t5": "^"}
 
@@ -59,38 +60,54 @@ def parameter_scaling(counts: pd.DataFrame, path: str | Path | None = None) -> F
 
 
 def convergence(table: pd.DataFrame, verdicts: list[claims.Verdict], path: str | Path | None = None) -> Figure:
-    """Epochs-to-target per method and size (seeds as dots), and READ − other with bootstrap CIs."""
-    fig, (ax_e, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Per cell (backbone, task, size): Kaplan–Meier curves of the share of trials not yet at the cell's
+    threshold vs optimisation steps (|: a censored trial, at the budget), and the normalised AUC per method.
+
+    `table` is analysis.convergence.trial_table; the verdicts name each panel's comparisons.
+    """
+    cells = sorted(table.groupby(cv.CELL).groups, key=lambda k: (str(k[0]), str(k[1]), k[2]))
+    cols = len(cells) + 1
+    fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 4.2), squeeze=False)
     colors = _colors(list(table["method"].unique()))
-    sizes = sorted(table["train_size"].dropna().unique())
-    pos = {s: i for i, s in enumerate(sizes)}
-    methods = sorted(table["method"].unique())
-    width = 0.8 / max(len(methods), 1)
-    for k, m in enumerate(methods):
-        g = table[table["method"] == m]
-        x = g["train_size"].map(pos) + (k - (len(methods) - 1) / 2) * width
-        ax_e.scatter(x, g["epochs_to_target"], color=colors[m], alpha=0.6, s=18)
-        means = g.groupby("train_size")["epochs_to_target"].mean()
-        ax_e.scatter(means.index.map(pos) + (k - (len(methods) - 1) / 2) * width, means, color=colors[m],
-                     marker="_", s=300, label=m)
-    ax_e.set(xticks=range(len(sizes)), xticklabels=[str(int(s)) for s in sizes], xlabel="training examples",
-             ylabel=f"epochs to {claims.TARGET_FRACTION:.0%} of best", title="epochs-to-target (dots: seeds)")
-    ax_e.yaxis.set_major_locator(MaxNLocator(integer=True))
-    scored = [v for v in verdicts if v.statistic is not None]
-    others = sorted({v.details["comparator"] for v in scored})
-    for k, other in enumerate(others):
-        vs = [v for v in scored if v.details["comparator"] == other]
-        x = np.array([pos.get(v.details["train_size"], 0) for v in vs]) + (k - (len(others) - 1) / 2) * 0.2
-        y = np.array([v.statistic for v in vs])
-        err = np.array([[v.statistic - v.ci[0], v.ci[1] - v.statistic] if v.ci else [0, 0] for v in vs]).T
-        ax_d.errorbar(x, y, yerr=err, fmt="o", capsize=4, color=colors.get(other), label=f"read − {other}")
-    ax_d.axhline(0, color="grey", lw=1)
-    ax_d.set(xticks=range(len(sizes)), xticklabels=[str(int(s)) for s in sizes], xlabel="training examples",
-             ylabel="difference in epochs (95% bootstrap CI)", title="paired differences")
-    for ax in (ax_e, ax_d):
+    for ax, (backbone, task, size) in zip(axes.flat, cells, strict=False):
+        g = table[(table["backbone"] == backbone) & (table["task"] == task) & (table["train_size"] == size)]
+        for method, m in g.groupby("method"):
+            steps, reached = m["steps_to_threshold"].to_numpy(float), m["reached"].to_numpy(bool)
+            x, y = cv.km_curve(steps, reached)
+            x, y = np.append(x, m["budget_steps"].max()), np.append(y, y[-1])
+            ax.step(x, y, where="post", color=colors[method], label=f"{method} ({int(reached.sum())}/{len(m)})")
+            if (~reached).any():
+                ax.scatter(steps[~reached], np.full((~reached).sum(), y[-1]), marker="|", s=150, color=colors[method])
+        said = [f"{v.scope.rsplit(': ', 1)[-1]}: {v.verdict}" for v in verdicts
+                if v.details.get("train_size") == size and v.details.get("backbone") == backbone
+                and v.details.get("task") == task]
+        ax.set(xlabel="optimisation steps", ylabel="share not yet at the threshold", ylim=(-0.03, 1.03),
+               title=f"{backbone} · {task} · n={size}\nthreshold {g['threshold'].iloc[0]:.3f}")
+        if said:
+            ax.text(0.02, 0.02, "\n".join(said), transform=ax.transAxes, fontsize=7, va="bottom")
         ax.grid(True, alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=7, title="method (reached/trials)", title_fontsize=7, loc="upper right")
+    ax = axes.flat[-1]
+    auc = cv.auc_table(table)
+    labels = [f"{b}·{t}·{n}" for b, t, n in cells]
+    pos = {cell: i for i, cell in enumerate(cells)}
+    methods = sorted(auc["method"].unique())
+    width = 0.8 / max(len(methods), 1)
+    for k, method in enumerate(methods):
+        a = auc[auc["method"] == method]
+        x = np.array([pos[(r.backbone, r.task, r.train_size)] for r in a.itertuples()]) + (
+            k - (len(methods) - 1) / 2) * width
+        err = np.array([[r.norm_auc - r.ci_low, r.ci_high - r.norm_auc] if pd.notna(r.ci_low) else [0.0, 0.0]
+                        for r in a.itertuples()]).reshape(-1, 2).T
+        ax.errorbar(x, a["norm_auc"], yerr=err, fmt="o", capsize=3, color=colors[method], label=method)
+    ax.axhline(0, color="grey", lw=1)
+    ax.axhline(1, color="grey", lw=1, ls="--")
+    ax.set(xticks=range(len(cells)), xticklabels=labels, ylabel="normalised AUC (0 chance, 1 threshold)",
+           title="area under the learning curve (95% t-CI)")
+    ax.tick_params(axis="x", labelsize=7, rotation=20)
+    ax.grid(True, alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -119,22 +136,26 @@ def memory_energy(verdicts: list[claims.Verdict], path: str | Path | None = None
 
 
 def pareto(best: pd.DataFrame, cost: str, path: str | Path | None = None) -> Figure:
-    """Best metric per method vs a cost, one panel per backbone, the Pareto front joined by a line."""
+    """Confirmed test mean per method vs a cost, one panel per backbone (× task and size where there are several),
+    the Pareto front joined by a line; unconfirmed cells (no confirm seeds) are not drawn."""
     front_col = {"peak_memory_bytes": "front_memory", "params_trainable": "front_params"}[cost]
     scale = 2**20 if cost == "peak_memory_bytes" else 1  # memory in MiB
-    backbones = sorted(best["backbone"].unique()) or ["(no finished trials)"]
+    best = best.assign(panel=best["backbone"].astype(str))
+    if best[["task", "train_size"]].drop_duplicates().shape[0] > 1:
+        best["panel"] += " · " + best["task"].astype(str) + " · n=" + best["train_size"].astype(str)
+    backbones = sorted(best["panel"].unique()) or ["(no finished trials)"]
     cols = min(len(backbones), 3)
     rows = int(np.ceil(len(backbones) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
     colors = _colors(list(best["method"].unique()))
-    y = "mean" if "mean" in best else "best_metric"  # the confirm seeds' mean when there is one
+    y = "mean"  # the confirm seeds' test mean: null for an unconfirmed cell, which is left out
     for ax, backbone in zip(axes.flat, backbones, strict=False):
-        g = best[best["backbone"] == backbone].dropna(subset=[cost, y])
+        g = best[best["panel"] == backbone].dropna(subset=[cost, y])
         for r in g.itertuples():
             x, v = getattr(r, cost) / scale, getattr(r, y)
             below = bool(getattr(r, "below_probe", False) is True)
             lo, hi = getattr(r, "ci_low", np.nan), getattr(r, "ci_high", np.nan)
-            if not (pd.isna(lo) or pd.isna(hi)):  # bootstrap 95% CI over the confirm seeds
+            if not (pd.isna(lo) or pd.isna(hi)):  # Student-t 95% CI over the confirm seeds
                 ax.errorbar(x, v, yerr=[[v - lo], [hi - v]], color=colors[r.method], capsize=3, lw=1)
             ax.scatter(x, v, s=40, color="none" if below else colors[r.method], edgecolors=colors[r.method])
             ax.annotate(r.method + (" (<probe)" if below else ""), (x, v), fontsize=8, xytext=(3, 3),
@@ -153,3 +174,42 @@ def pareto(best: pd.DataFrame, cost: str, path: str | Path | None = None) -> Fig
     for ax in list(axes.flat)[len(backbones):]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+def _order(value: object) -> tuple[int, float, str]:
+    """Sort key: numbers by value (training sizes 64 < 128), then everything else by name."""
+    if isinstance(value, int | float | np.integer | np.floating) and not pd.isna(value):
+        return 0, float(value), ""
+    return 1, 0.0, str(value)
+
+
+def evp_plot(evp: pd.DataFrame, out_path: str | Path | None = None) -> Figure:
+    """Expected best validation score of k search trials vs k (Dodge et al. 2019), a ±1 std band per method.
+
+    One panel per backbone (and per task and training size where the study has several). A curve
+    that reaches its top only at k = N is a method that needs its whole search budget: it needs tuning.
+    """
+    panel_keys = ["backbone"] + [c for c in ("task", "train_size") if evp[c].nunique(dropna=False) > 1]
+    panels = sorted(evp.groupby(panel_keys, dropna=False), key=lambda p: tuple(map(_order, p[0])))
+    cols = min(max(len(panels), 1), 3)
+    rows = max(int(np.ceil(len(panels) / cols)), 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
+    colors = _colors(list(evp["method"].unique()))
+    for ax, (values, g) in zip(axes.flat, panels, strict=False):
+        for method, m in g.groupby("method"):
+            m = m.sort_values("k")
+            ax.plot(m["k"], m["expected_best"], marker="o", ms=3, color=colors[method],
+                    label=f"{method} (N={int(m['n_trials'].iloc[0])})")
+            ax.fill_between(m["k"], m["expected_best"] - m["std"], m["expected_best"] + m["std"],
+                            color=colors[method], alpha=0.15, lw=0)
+        ax.set(xlabel="search trials k", ylabel=f"expected best validation {g['metric_name'].iloc[0]}",
+               title=" · ".join(f"{v} examples" if c == "train_size" else str(v)
+                                for c, v in zip(panel_keys, values, strict=True)))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no finished search trials", ha="center", va="center", transform=axes[0, 0].transAxes)
+    for ax in list(axes.flat)[max(len(panels), 1):]:
+        ax.set_visible(False)
+    return _save(fig, out_path)

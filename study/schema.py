@@ -56,7 +56,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("final_metric", pa.float64()),  # validation metric after the last epoch run (what the searcher saw)
     # the final model on the held-out test split (eval_test runs: confirm and convergence trials); null otherwise
     pa.field("test_metric", pa.float64()),
-    # the metric of always predicting the training split's majority class (0 for regression), on validation
+    # the metric of always predicting the training split's majority class (regression: its mean label), on validation
     pa.field("chance_metric", pa.float64()),
     pa.field("steps_per_epoch", pa.int64()),  # optimisation steps per epoch
     pa.field("lr_schedule", pa.string()),  # linear (warm-up, decay to zero) | constant (after warm-up)
@@ -127,7 +127,7 @@ QUALITY_FIELDS: list[pa.Field] = [
     pa.field("ci_low", pa.float64()),  # Student-t 95% CI of that mean over seeds (null below 2 seeds)
     pa.field("ci_high", pa.float64()),
     pa.field("std", pa.float64()),
-    # two-level bootstrap (seeds, then test examples) 95% interval: training and evaluation-set noise
+    # seeds + test examples 95% interval (t over seeds, widened by the bootstrap variance over test examples)
     pa.field("ci_low_examples", pa.float64()),
     pa.field("ci_high_examples", pa.float64()),
     pa.field("probe_mean", pa.float64()),  # the linear probe's test mean on the same backbone, task and size

@@ -365,13 +365,12 @@ def score_test(trial: Trial) -> tuple[float, pa.Table]:
 
 
 def chance_metric(trial: Trial) -> float:
-    """The task metric of always predicting the training split's majority class on the validation examples
-    evaluated: what a trial that learns nothing scores (regression: 0.0)."""
-    if trial.task.n_labels == 1:
-        return 0.0
-    majority = int(np.bincount(trial.task.train["labels"]).argmax())  # a tie: the lowest class
+    """The task metric of always predicting the training split's majority class (regression: its mean label)
+    on the validation examples evaluated: what a trial that learns nothing scores."""
     labels = np.asarray(trial.validation["labels"])
-    return tasks.metric(trial.task.metric_name, np.full_like(labels, majority), labels)
+    train = np.asarray(trial.task.train["labels"])
+    constant = train.mean() if trial.task.n_labels == 1 else np.bincount(train).argmax()  # a tie: the lowest class
+    return tasks.metric(trial.task.metric_name, np.full(labels.shape, constant, dtype=labels.dtype), labels)
 
 
 def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,

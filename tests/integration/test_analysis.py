@@ -77,7 +77,10 @@ def test_verdicts_json_has_a_well_formed_entry_per_claim(reported):
     assert by[("lst-memory-69", "source=tracked")] == claims.NO_DATA  # LST not in these studies
     conv = [e for e in entries if e["claim"] == claims.CONVERGENCE_CLAIM]
     assert sorted(e["details"]["train_size"] for e in conv) == [32, 64]
-    assert all(e["n"] == 2 and e["details"]["comparator"] == "lora" for e in conv)
+    assert all(e["details"]["comparator"] == "lora" for e in conv)
+    # 2 seeds: 2 pairs; a cell where no method beat chance (a tiny random backbone) has no threshold: no data
+    assert all(e["n"] == 2 if e["verdict"] != claims.NO_DATA else "no threshold" in e["details"]["summary"]
+               for e in conv), conv
 
 
 def test_stored_notebooks_have_no_outputs_and_a_parameters_cell():

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import claims
+from analysis import claims, convergence
 from study import schema
 
 WIDTHS = {"llama-s": (256, 4), "llama-m": (512, 6), "llama-l": (1024, 24), "llama-xl": (4096, 32)}
@@ -97,82 +97,23 @@ def test_params_without_read_is_no_data(tmp_path):
 
 
 # --------------------------------------------------------------------------- convergence
-
-def curve(reach: int, epochs: int = 6) -> list[float]:
-    """Accuracy rising to its plateau at epoch `reach` (1-based), flat after."""
-    return [0.5 + 0.4 * min(e, reach) / reach for e in range(1, epochs + 1)]
-
+# the measure and its rule: tests/unit/test_convergence_measure.py; here only rows for verdicts.json
 
 def convergence_rows(read_reach: int, lora_reach: int, seeds=(0, 1, 2, 3), sizes=(32, 64)):
+    """Accuracy rising from 0.5 to 0.9 at epoch `reach`, flat after; chance 0.5, 2 steps per epoch."""
     trials, epochs = [], []
     for size in sizes:
         for seed in seeds:
-            for method, reach in (("read", read_reach + seed % 2), ("lora", lora_reach)):
+            for method, reach in (("read", read_reach), ("lora", lora_reach)):
                 tid = f"{method}-{size}-{seed}"
-                metrics = curve(reach)
-                # the trials column is planted wrong on purpose: the analysis recomputes it
-                trials.append(trial(tid, method, "llama-tiny", train_size=size, seed=seed, epochs=6,
-                                    best_metric=max(metrics), epochs_run=6, epochs_to_target=1))
+                metrics = [0.5 + 0.4 * min(e, reach) / reach for e in range(1, 7)]
+                trials.append(trial(tid, method, "llama-tiny", train_size=size, seed=seed, epochs=6, batch_size=16,
+                                    metric_name="accuracy", chance_metric=0.5, steps_per_epoch=2,
+                                    final_metric=metrics[-1], epochs_run=6))
                 epochs += [{"study": "planted", "trial_id": tid, "method": method, "backbone": "llama-tiny",
                             "epoch": e, "eval_metric": m, "metric_name": "accuracy"}
                            for e, m in enumerate(metrics, start=1)]
     return trials, epochs
-
-
-def test_epochs_to_target_is_recomputed_from_epochs(tmp_path):
-    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1))
-    table = claims.convergence_table(trials, epochs).set_index("trial_id")
-    # curve(4) reaches 0.9 at epoch 4; 95% of 0.9 is 0.855, first met at epoch 4 (0.8 at 3)
-    assert table.loc["read-32-0", "epochs_to_target"] == 4
-    assert table.loc["lora-32-0", "epochs_to_target"] == 1
-    assert not table.loc["read-32-0", "reported_agrees"]
-
-
-def test_read_slower_is_supported(tmp_path):
-    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1))
-    verdicts = claims.convergence_verdicts(trials, epochs)
-    assert [v.details["train_size"] for v in verdicts] == [32, 64]
-    for v in verdicts:
-        assert v.verdict == claims.SUPPORTED and v.ci[0] > 0 and v.n == 4
-        assert v.statistic == pytest.approx(3.5)
-        assert v.details["reported_column_mismatches"] > 0
-
-
-def test_read_faster_is_not_supported(tmp_path):
-    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=1, lora_reach=5))
-    verdicts = claims.convergence_verdicts(trials, epochs)
-    assert {v.verdict for v in verdicts} == {claims.NOT_SUPPORTED}
-    assert all(v.ci[1] <= 0 for v in verdicts)
-
-
-def test_read_faster_but_still_improving_at_the_budget_is_inconclusive(tmp_path):
-    trials, epochs = convergence_rows(read_reach=1, lora_reach=5, sizes=(32,))
-    creeping = [0.86, 0.87, 0.88, 0.885, 0.89, 0.9]  # within 5% of its best at epoch 1, best at the last
-    for e in epochs:
-        if e["method"] == "read":
-            e["eval_metric"] = creeping[e["epoch"] - 1]
-    (v,) = claims.convergence_verdicts(*roundtrip(tmp_path, trials, epochs))
-    assert v.ci[1] <= 0 and v.verdict == claims.INCONCLUSIVE and v.details["read_best_at_last_epoch"] == 4
-
-
-def test_one_pair_is_inconclusive(tmp_path):
-    trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1, seeds=(0,), sizes=(32,)))
-    (v,) = claims.convergence_verdicts(trials, epochs)
-    assert v.verdict == claims.INCONCLUSIVE and v.ci is None and v.n == 1
-
-
-def test_difference_rule_and_seeded_bootstrap():
-    assert claims.difference_rule(5, (0.1, 2.0)) == claims.SUPPORTED
-    assert claims.difference_rule(5, (-1.0, 0.0)) == claims.NOT_SUPPORTED
-    assert claims.difference_rule(5, (-1.0, 1.0)) == claims.INCONCLUSIVE
-    assert claims.difference_rule(1, (1.0, 1.0)) == claims.INCONCLUSIVE
-    assert claims.difference_rule(claims.MIN_PAIRS - 1, (0.1, 2.0)) == claims.INCONCLUSIVE
-    assert claims.difference_rule(claims.MIN_PAIRS, (0.1, 2.0)) == claims.SUPPORTED
-    values = [1, 2, 0, 3, 1, 2]
-    assert claims.bootstrap_ci(values, seed=3) == claims.bootstrap_ci(values, seed=3)
-    lo, hi = claims.bootstrap_ci(values)
-    assert lo < sum(values) / len(values) < hi
-    assert claims.bootstrap_ci([1.0]) is None
 
 
 # --------------------------------------------------------------------------- memory and energy
@@ -228,25 +169,34 @@ def test_energy_is_compared_per_training_token(tmp_path):
 
 # --------------------------------------------------------------------------- quality per cost, verdicts.json
 
-def test_pareto_front_and_best_trial_per_method(tmp_path):
-    rows = [trial("a", "full", "b", best_metric=0.90, peak_memory_bytes=100, params_trainable=1000),
-            trial("b", "read", "b", best_metric=0.85, peak_memory_bytes=40, params_trainable=10),
-            trial("c", "lora", "b", best_metric=0.80, peak_memory_bytes=60, params_trainable=20),
-            trial("d", "lora", "b", best_metric=0.70, peak_memory_bytes=50, params_trainable=20),
-            trial("e", "lst", "b", status="oom")]
+def test_pareto_front_on_confirmed_test_means_and_the_reported_configs_costs(tmp_path):
+    def confirmed(method, scores, memory, params):
+        return [trial(f"{method}-c{s}", method, "b", role="confirm", seed=s, test_metric=v, final_metric=v,
+                      peak_memory_bytes=memory + s, params_trainable=params) for s, v in enumerate(scores, 1)]
+
+    rows = [*confirmed("full", (0.90, 0.91), 100, 1000), *confirmed("read", (0.85, 0.86), 40, 10),
+            *confirmed("lora", (0.80, 0.81), 60, 20),
+            trial("c", "lora", "b", role="search", final_metric=0.83, peak_memory_bytes=61, params_trainable=20),
+            trial("d", "lora", "b", role="search", final_metric=0.70, peak_memory_bytes=50, params_trainable=20),
+            # searched only: its validation max would top every front, but it is no mean and stays off
+            trial("e", "adapter", "b", role="search", final_metric=0.99, peak_memory_bytes=10, params_trainable=5),
+            trial("f", "lst", "b", role="search", status="oom")]
     trials, _ = roundtrip(tmp_path, rows)
     q = claims.quality_per_cost(trials).set_index("method")
-    assert list(q.index) == ["full", "lora", "read"]
-    assert q.loc["lora", "trial_id"] == "c" and q.loc["lora", "trials"] == 2
-    assert q["front_memory"].to_dict() == {"full": True, "lora": False, "read": True}
-    assert q["front_params"].to_dict() == {"full": True, "lora": False, "read": True}
+    assert list(q.index) == ["adapter", "full", "lora", "read"]  # lst never finished a trial
+    assert q.loc["lora", "trial_id"] == "lora-c1" and q.loc["lora", "trials"] == 4
+    assert q.loc["lora", "peak_memory_bytes"] == 61.5 and q.loc["lora", "cost_from"] == "confirm"
+    assert q.loc["lora", "mean"] == pytest.approx(0.805)  # the test mean, not the search's 0.83
+    assert pd.isna(q.loc["adapter", "mean"]) and q.loc["adapter", "search_best_val"] == 0.99
+    assert q["front_memory"].to_dict() == {"adapter": False, "full": True, "lora": False, "read": True}
+    assert q["front_params"].to_dict() == {"adapter": False, "full": True, "lora": False, "read": True}
 
 
 def test_verdicts_json_is_well_formed_and_merged_per_claim(tmp_path):
     trials, epochs = roundtrip(tmp_path, *convergence_rows(read_reach=4, lora_reach=1))
-    claims.write_verdicts(claims.convergence_verdicts(trials, epochs), tmp_path)
+    claims.write_verdicts(convergence.convergence_verdicts(trials, epochs), tmp_path)
     claims.write_verdicts(claims.cost_verdicts(trials), tmp_path)
-    claims.write_verdicts(claims.convergence_verdicts(trials, epochs), tmp_path)  # again: replaces, no duplicates
+    claims.write_verdicts(convergence.convergence_verdicts(trials, epochs), tmp_path)  # again: replaces, no duplicates
     entries = json.loads((tmp_path / "verdicts.json").read_text())
     assert all(claims.verdict_problems(e) == [] for e in entries)
     by_claim = pd.Series([e["claim"] for e in entries]).value_counts().to_dict()
