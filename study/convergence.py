@@ -162,15 +162,6 @@ def main(argv: list[str] | None = None) -> None:
         settings = {(m, n): {"tuned_from": REFERENCE} for m in methods for n in args.sizes}
     else:
         settings = tuned_settings(source, methods, args.backbone, args.task, args.sizes)
-    untuned = sorted({m for (m, _), hp in settings.items() if hp["tuned_from"] == REFERENCE})
-    if untuned:
-        where = f"in {source} on {args.backbone} / {args.task}" if source else "(no tuned study: --tuned-from)"
-        runner.log(f"warning: no confirmed winner {where} for {', '.join(untuned)}: "
-                   "at the reference learning rate, untuned")
-    for (m, n), hp in sorted(settings.items()):
-        if hp["tuned_from"] != REFERENCE:
-            runner.log(f"{m} n={n}: {', '.join(f'{k}={v}' for k, v in hp.items() if k != 'tuned_from')} "
-                       f"(from {hp['tuned_from']})")
 
     t0 = time.time()
     budget = plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib)
@@ -184,6 +175,16 @@ def main(argv: list[str] | None = None) -> None:
               "max_eval_examples": args.max_eval_examples, "seed": args.seed, "lr_schedule": "constant",
               "settings": {f"{m}|n{n}": hp for (m, n), hp in sorted(settings.items())}}
     runner.check_resume(name, folder, config, args.resume)
+    # where each method's settings come from: said once the input is known to be good (bad input is one line)
+    untuned = sorted({m for (m, _), hp in settings.items() if hp["tuned_from"] == REFERENCE})
+    if untuned:
+        where = f"in {source} on {args.backbone} / {args.task}" if source else "(no tuned study: --tuned-from)"
+        runner.log(f"warning: no confirmed winner {where} for {', '.join(untuned)}: "
+                   "at the reference learning rate, untuned")
+    for (m, n), hp in sorted(settings.items()):
+        if hp["tuned_from"] != REFERENCE:
+            runner.log(f"{m} n={n}: {', '.join(f'{k}={v}' for k, v in hp.items() if k != 'tuned_from')} "
+                       f"(from {hp['tuned_from']})")
     plan_info = {"study": name, "config": config, "methods": methods, "backbone": args.backbone, "sizes": args.sizes,
                  "seeds": args.seeds, "epochs": args.epochs}
     trials, epochs = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
