@@ -634,7 +634,8 @@ def floor_verdicts(trials: pd.DataFrame, predictions: pd.DataFrame | None = None
         base = {"method": r["method"], **dict(zip(CELL, key, strict=True)), "rule": rule, "mean": r["mean"],
                 "probe_mean": probe["mean"] if probe else None, "seeds": r["seeds"],
                 "seeds_failed": r["seeds_failed"], "probe_seeds_failed": probe["seeds_failed"] if probe else None}
-        item = {"scope": f"{r['method']} on {r['backbone']} ({r['task']}, n={r['train_size']})", "base": base,
+        size = "all" if pd.isna(r["train_size"]) else int(r["train_size"])  # pandas reads a nullable int as float
+        item = {"scope": f"{r['method']} on {r['backbone']} ({r['task']}, n={size})", "base": base,
                 "verdict": NO_DATA, "diff": None, "p": None}
         pending.append(item)
         failed = (r["seeds_failed"] or 0) + ((probe or {}).get("seeds_failed") or 0)
