@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                  "seeds": args.seeds, "epochs": args.epochs}
     trials, epochs = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
                                     address=args.address, seed=args.seed, early_stopping=False,
-                                    zero_ranks=args.zero_ranks)
+                                    zero_ranks=args.zero_ranks,
+                                    role="confirm")  # fixed (confirmed) settings per seed, scored on test: no search
     trials = with_settings(collect.with_cache_shares(trials), settings)  # cached trials carry their cache share
     collect.write(folder, trials, epochs)
     print(summary_table(trials))

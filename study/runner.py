@@ -169,8 +169,9 @@ def plan_cache(storage: str) -> Path | None:
 
 def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: list[dict[str, Any]], *,
             plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
-            early_stopping: bool = True, zero_ranks: int = 1) -> tuple[list[dict], list[dict]]:
-    """Run the groups on Ray Tune and write the Parquet tables, also when interrupted."""
+            early_stopping: bool = True, zero_ranks: int = 1, role: str = "search") -> tuple[list[dict], list[dict]]:
+    """Run the groups on Ray Tune and write the Parquet tables, also when interrupted; `role` on every row
+    (confirm: fixed settings re-run per seed and scored on test, as the convergence study's trials are)."""
     out = Location.of(folder)  # every table and file of the study goes there, local or cloud
     (out / "plan.json").write_json(plan_info)
     env = collect.environment()
@@ -202,7 +203,7 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     if grid is None or stopped is not None:  # stopped: the saved state knows which trials had not ended
         grid = launch.results(folder)
     if grid is not None:
-        ran, epochs = collect.rows_from_results(name, grid, env)
+        ran, epochs = collect.rows_from_results(name, grid, env, role=role)
         trials = estimated + ran
     collect.write(out, trials, epochs)
     log(f"wrote {out / 'trials.parquet'} ({len(trials)} rows) and {out / 'epochs.parquet'} ({len(epochs)} rows)")
