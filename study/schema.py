@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from study.storage import Location
 
-SCHEMA_VERSION = "3"  # 3: test_metric, chance_metric, predictions.parquet, evp.parquet, t-intervals
+SCHEMA_VERSION = "4"  # 4: gradient_checkpointing, quant, dataset/method provenance, memory_reserved
+# 3: test_metric, chance_metric, predictions.parquet, evp.parquet, t-intervals
 # 2: pooling, method_config, role; quality.parquet
 # estimated: planned, too big to run here; interrupted: stopped mid-trial, `--resume` finishes it
 STATUSES = ("ok", "oom", "diverged", "error", "timeout", "estimated", "interrupted")
