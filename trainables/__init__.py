@@ -1,0 +1,7 @@
+"""One trial: a backbone, a method, a task, the training loop, and what it measured."""
+import logging
+
+# bitsandbytes (imported by peft and transformers when installed) warns at import on CPUs with
+# AVX512-BF16 that an optional kernel package is missing; the fallback it uses is correct, and the
+# warning would be the first line of every one-line CLI error.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
