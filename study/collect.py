@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from study import schema
 from study.plan import describe
+from study.spaces import method_label
 from study.storage import Location
 from trainables import backbones
 from trainables.loop import PREDICTIONS_FILE, RunConfig
@@ -106,7 +107,9 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "s
         trial_id = str(last.get("trial_id") or Path(result.path).name)
         row: dict[str, Any] = {k: v for k, v in last.items() if k in _TRIAL_KEYS}
         row.update(env)
-        row.update(describe(run["method"], run["backbone"]))
+        # the row's method is the label (lora@nf4+gc), method_base the registry name the run config carries
+        row.update(describe(method_label(run["method"], run.get("quant") or "none",
+                                         bool(run.get("gradient_checkpointing"))), run["backbone"]))
         weights = run.get("weights")
         if weights in (None, "auto"):
             weights = "pretrained" if backbones.weights_here(backbones.get_spec(run["backbone"])) else "random"
@@ -161,7 +164,9 @@ def prediction_rows(study: str, grid: Any) -> list[dict]:
         table = pq.read_table(path, filesystem=checkpoint.filesystem, columns=["example", "label", "prediction"])
         run = (result.config or given).get("run") or {}
         fixed = {"study": study, "trial_id": str(metrics.get("trial_id") or Path(result.path).name),
-                 "method": run.get("method"), "backbone": run.get("backbone"), "task": run.get("task"),
+                 "method": method_label(run.get("method"), run.get("quant") or "none",
+                                        bool(run.get("gradient_checkpointing"))),
+                 "backbone": run.get("backbone"), "task": run.get("task"),
                  "train_size": run.get("train_size"), "seed": run.get("seed"), "metric_name": metrics.get("metric_name")}
         columns = zip(*(table.column(c).to_pylist() for c in ("example", "label", "prediction")), strict=True)
         out += [{**fixed, "example": e, "label": y, "prediction": p} for e, y, p in columns]
@@ -245,7 +250,7 @@ def summary_table(trials: list[dict]) -> str:
     sizes: dict[tuple[str, str], set] = {}
     for method, backbone, size in cells:
         sizes.setdefault((method, backbone), set()).add(size)
-    head = (f"{'method':<8} {'backbone':<22} {'test: mean [95% t-CI]':>27} {'seeds':>11} {'search max (val)':>16} "
+    head = (f"{'method':<12} {'backbone':<22} {'test: mean [95% t-CI]':>27} {'seeds':>11} {'search max (val)':>16} "
             f"{'search epochs':>17} {'trainable':>10} {'peak mem':>16} {'energy':>12} {'time+cache':>10}  trials")
     lines, flagged = [head, "-" * len(head)], []
     for (method, backbone, size), rows in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2] or 0)):
@@ -273,7 +278,7 @@ def summary_table(trials: list[dict]) -> str:
             backbone = f"{backbone} n={size}"
         if r.get("weights") == "random":
             backbone = f"{backbone} (rnd)"  # random weights: a cost run, its metric means nothing
-        lines.append(f"{method:<8} {backbone:<22} {test:>27} {seeds:>11} {best_val:>16} {spent:>17} "
+        lines.append(f"{method:<12} {backbone:<22} {test:>27} {seeds:>11} {best_val:>16} {spent:>17} "
                      f"{_fmt_count(r.get('params_trainable')):>10} {mem:>16} {energy:>12} {time_s:>10}  "
                      + ",".join(f"{n} {s}" for s, n in sorted(counts.items())))
     lines.append(QUALITY_NOTE)

@@ -4,6 +4,7 @@ Nothing is allocated, so any size (llama-70b) counts in well under a second. `co
 the reusable part (memory estimates and study planning import it); the CLI only prints.
 
     python -m study.count --backbone llama-7b --method lora --set r=16 [--json]
+    python -m study.count --backbone llama-7b --method lora@nf4+gc --memory   (QLoRA with checkpointing)
     python -m study.count --all [--max-model llama-7b] [--json]
 """
 
@@ -25,7 +26,7 @@ from trainables.methods.base import config_to_dict
 
 # A method config training more parameters than this is a typo, not a study (16 TB of fp32 AdamW state).
 MAX_TRAINABLE_PARAMS = 10**12
-KEYS = ("backbone", "method", "family", "config", "params_backbone", "params_total", "params_trainable",
+KEYS = ("backbone", "method", "method_base", "quant", "gradient_checkpointing", "family", "config", "params_backbone", "params_total", "params_trainable",
         "params_head", "trainable_fraction", "grad_tensors", "grad_tensor_kinds")
 
 
@@ -51,7 +52,9 @@ def count(backbone: str, method: str, overrides: dict[str, Any] | None = None, n
                          f"parameters, more than {MAX_TRAINABLE_PARAMS:.0e} (16 bytes each with AdamW: no machine "
                          "holds them); check the --set values")
     grads = model.backbone_tensors_with_grad()
-    return {"backbone": spec.name, "method": method, "family": info.family, "config": config_to_dict(cfg),
+    # `method` is a registry name here; the CLI takes a spec (lora@nf4+gc) and fills in its label and parts
+    return {"backbone": spec.name, "method": method, "method_base": method, "quant": "none",
+            "gradient_checkpointing": False, "family": info.family, "config": config_to_dict(cfg),
             "params_backbone": params_backbone, **counts,
             "trainable_fraction": counts["params_trainable"] / params_backbone,
             "grad_tensors": len(grads), "grad_tensor_kinds": dict(Counter(re.sub(r"\.\d+\.", ".*.", n) for n in grads))}
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m study.count", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", help="registered backbone name (NAME@L<k> truncates)")
-    parser.add_argument("--method", help=f"one of: {', '.join(REGISTRY)}")
+    parser.add_argument("--method", help=f"NAME[@QUANT][+gc] (lora, lora+gc, lora@nf4, read@int8); NAME one of: "
+                                         f"{', '.join(REGISTRY)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config override")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--all", action="store_true", help="table of every method (or --method) × backbone")
@@ -156,20 +160,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not (args.backbone and args.method):
             raise ValueError("give --backbone and --method, or --all")
-        result = count(args.backbone, args.method, overrides)
+        from study.spaces import method_label, parse_method_spec
+
+        name, quant, gc = parse_method_spec(args.method)  # a quantised backbone counts as many parameters
+        result = count(args.backbone, name, overrides) | {"method": method_label(name, quant, gc), "method_base": name,
+                                                          "quant": quant, "gradient_checkpointing": gc}
         if args.memory:
             if min(args.batch_size, args.seq_len) < 1:
                 raise ValueError("--batch-size and --seq-len must be >= 1")
             positions = backbones.get_spec(args.backbone).config.get("max_position_embeddings")
-            tokens = args.seq_len + getattr(get_method(args.method).parse(overrides), "n_virtual_tokens", 0)
+            tokens = args.seq_len + getattr(get_method(name).parse(overrides), "n_virtual_tokens", 0)
             if positions is not None and tokens > positions:
                 raise ValueError(f"{tokens} tokens per example (--seq-len plus any virtual tokens) exceed "
                                  f"{args.backbone}'s {positions} positions")
             from trainables.memory import estimate_step  # fake-tensor machinery: only when asked
 
             try:
-                report = estimate_step(args.backbone, args.method, overrides, batch_size=args.batch_size,
-                                       seq_len=args.seq_len, dtype=DTYPES[args.dtype])
+                extra = {"quant": quant, "gradient_checkpointing": gc} if quant != "none" or gc else {}
+                report = estimate_step(args.backbone, name, overrides, batch_size=args.batch_size,
+                                       seq_len=args.seq_len, dtype=DTYPES[args.dtype], **extra)
             except RuntimeError as exc:  # e.g. more tokens than the backbone has positions
                 raise ValueError(f"memory estimate failed: {' '.join(str(exc).split())[:300]}") from None
             result |= report.as_dict() | {"memory_batch_size": args.batch_size, "memory_seq_len": args.seq_len,

@@ -32,15 +32,24 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
     pa.field("git_sha", pa.string()),
     pa.field("git_dirty", pa.bool_()),  # uncommitted changes in the driver's working tree
-    pa.field("method", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),  # the label: lora, lora+gc, lora@nf4 (QLoRA), full+gc
+    pa.field("method_base", pa.string()),  # the registry name behind the label: lora
     pa.field("method_family", pa.string()),
+    # the code that ran: the module that registered the method, its version, sha256 of its file (first 16 hex)
+    pa.field("method_module", pa.string()),
+    pa.field("method_version", pa.string()),
+    pa.field("method_hash", pa.string()),
     pa.field("backbone", pa.string(), nullable=False),
     pa.field("backbone_family", pa.string()),
     pa.field("backbone_layers", pa.int64()),
     pa.field("backbone_width", pa.int64()),
     pa.field("weights", pa.string()),
     pa.field("backbone_revision", pa.string()),  # the commit (or folder digest) pretrained weights were loaded at
+    pa.field("quant", pa.string()),  # the frozen backbone's weights: none | int8 | nf4 (bitsandbytes)
+    pa.field("quant_double", pa.bool_()),  # nf4 with double quantisation of its block constants
+    pa.field("gradient_checkpointing", pa.bool_()),  # blocks' activations recomputed in backward
     pa.field("task", pa.string()),
+    pa.field("dataset_revision", pa.string()),  # a hub dataset's commit or a file task's digest; null: built-in
     pa.field("train_size", pa.int64()),
     pa.field("seed", pa.int64()),
     pa.field("max_length", pa.int64()),
@@ -68,6 +77,9 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("params_trainable", pa.int64()),
     pa.field("params_head", pa.int64()),
     pa.field("peak_memory_bytes", pa.int64()),
+    # cuda: torch.cuda.max_memory_reserved over the same step (the allocator's segments: the peak plus its
+    # fragmentation and cached blocks, what the device must hold); null off cuda
+    pa.field("peak_memory_reserved_bytes", pa.int64()),
     pa.field("memory_params_bytes", pa.int64()),
     pa.field("memory_grads_bytes", pa.int64()),
     pa.field("memory_optimizer_bytes", pa.int64()),
@@ -87,7 +99,7 @@ TRIAL_FIELDS: list[pa.Field] = [
     pa.field("time_with_cache_s", pa.float64()),  # train_time_s + cache_share_s
     pa.field("energy_with_cache_joules", pa.float64()),
     pa.field("device", pa.string()),
-    pa.field("dtype", pa.string()),
+    pa.field("dtype", pa.string()),  # the compute dtype it ran with: bf16 | fp32 (a GPU without native bf16)
     pa.field("torch_version", pa.string()),
     pa.field("transformers_version", pa.string()),
     pa.field("ray_version", pa.string()),

@@ -71,6 +71,7 @@ from transformers.models.t5.modeling_t5 import T5Block
 Family = Literal["llama", "bert", "t5"]
 Device = Literal["meta", "cpu", "cuda"]
 Weights = Literal["random", "pretrained"]
+Quant = Literal["none", "int8", "nf4"]  # a frozen backbone's weights: full precision, LLM.int8, or NF4 (bitsandbytes)
 MaskFn = Callable[..., Any]
 # What a pretrained load downloads: configs, tokenizers, safetensors weights (not .bin/.gguf/onnx copies).
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
@@ -370,16 +371,30 @@ def _cached_snapshot(repo: str, revision: str | None, patterns: list[str]) -> Pa
     return None
 
 
+def _weights_complete(folder: Path) -> bool:
+    """Every weight file the checkpoint's index lists is in `folder` (a sharded checkpoint mid-download, or
+    cut off, has only some), or, unsharded, its one .safetensors file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            return all((folder / f).is_file() for f in set(json.loads(index.read_text())["weight_map"].values()))
+        return False
+    return any(folder.glob("*.safetensors"))
+
+
 def snapshot(repo: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
-    """A hub repository's files on this machine (cached, else downloaded once per node); ValueError if not."""
+    """A hub repository's files on this machine (cached, else downloaded once per node); ValueError if not.
+
+    The lock comes before the look in the cache: a process starting while another downloads waits for it,
+    rather than finding the first of two shards and loading half a checkpoint."""
     from huggingface_hub import snapshot_download
 
     patterns = patterns or WEIGHT_PATTERNS
-    found = _cached_snapshot(repo, revision, patterns)
-    if found is not None and (patterns is not WEIGHT_PATTERNS or any(found.glob("*.safetensors"))):
-        return found
     try:
         with _download_lock(repo, revision):
+            found = _cached_snapshot(repo, revision, patterns)
+            if found is not None and (patterns is not WEIGHT_PATTERNS or _weights_complete(found)):
+                return found
             return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # every hub failure becomes one line (ValueError)
         raise _hub_error(exc, repo, revision) from None
@@ -408,7 +423,7 @@ def weights_here(spec: BackboneSpec) -> bool:
     if spec.hf_id is None:
         return False
     found = _cached_snapshot(spec.hf_id, spec.revision, WEIGHT_PATTERNS)
-    return found is not None and any(found.glob("*.safetensors"))
+    return found is not None and _weights_complete(found)
 
 
 def tokenizer_here(spec: BackboneSpec) -> bool:
@@ -525,8 +540,11 @@ def source(spec: str | BackboneSpec, patterns: list[str] | None = None) -> Sourc
 
 
 def load_pretrained(spec: str | BackboneSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    src: Source | None = None) -> nn.Module:
-    """The bare backbone with its checkpoint's weights (the spec's config wins: truncation keeps the first k blocks)."""
+                    src: Source | None = None, quant: Quant = "none", quant_double: bool = False) -> nn.Module:
+    """The bare backbone with its checkpoint's weights (the spec's config wins: truncation keeps the first k blocks).
+
+    `quant` int8 / nf4: its block Linears quantised by bitsandbytes while loading (`bnb_config`), the same
+    call on CPU and CUDA."""
     spec = get_spec(spec)
     src = src or source(spec)
     cls = spec.anatomy.model_class
@@ -537,22 +555,105 @@ def load_pretrained(spec: str | BackboneSpec, dtype: torch.dtype = torch.float32
         cfg.num_decoder_layers = spec.n_decoder_layers
     cfg._attn_implementation = "sdpa"
     placed = {} if torch.device(device).type == "cpu" else {"device_map": torch.device(device)}  # straight there
+    if quant != "none":  # bitsandbytes quantises as it places the weights: a device map, on CPU too
+        placed = {"device_map": {"": torch.device(device)}, "quantization_config": bnb_config(quant, quant_double, dtype)}
     model = cls.from_pretrained(src.folder, config=cfg, dtype=dtype, **placed, **spec.anatomy.kwargs)
+    if quant != "none":
+        _bnb_ready(model, spec, quant)
     return model.eval()
 
 
+# --------------------------------------------------------------------------- quantised frozen backbones
+
+QUANTS: tuple[str, ...] = ("none", "int8", "nf4")
+
+
+def bnb_config(quant: Quant, quant_double: bool, dtype: torch.dtype) -> Any:
+    """transformers' BitsAndBytesConfig for a frozen backbone: int8 (LLM.int8, outlier threshold 6.0) or NF4
+    (blocks of 64, compute in the trial's dtype, optional double quantisation of the block constants).
+
+    What stays full precision is transformers' default: embeddings and norms (not Linears), the LM head and
+    tied / last modules (`get_keys_to_not_convert`), and a family's `_keep_in_fp32_modules` (T5's FFN out)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_use_double_quant=quant_double)
+    raise ValueError(f"quant {quant!r}; valid: {', '.join(QUANTS)}")
+
+
+def quantised_linears(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes Linear layers of a model (empty for a full-precision one)."""
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)]
+
+
+def _bnb_ready(model: nn.Module, spec: BackboneSpec, quant: str) -> None:
+    """Checks a quantised load quantised something, and turns off bitsandbytes' CPU repacking.
+
+    On a CPU with AVX512-BF16, Linear4bit repacks its weight in place into an inference-only layout on the
+    first forward in eval mode without grad (an evaluation pass); a later training forward then takes a
+    kernel without autograd, and gradients stop at that layer. The frozen weights must stay as loaded."""
+    linears = quantised_linears(model)
+    if not linears:
+        raise ValueError(f"quant={quant}: bitsandbytes quantised no Linear layer of {spec.name} "
+                         f"({spec.model_type}); use quant=none")
+    for m in linears:
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def quantise_structure(model: nn.Module, spec: BackboneSpec, quant: Quant, quant_double: bool,
+                       dtype: torch.dtype) -> nn.Module:
+    """A meta-device backbone with bitsandbytes layers where a quantised load would put them (transformers'
+    own quantiser replaces the modules, as in `from_pretrained`); weightless: for counting and estimating
+    (trainables.memory gives them fake packed weights)."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantiser = AutoHfQuantizer.from_config(bnb_config(quant, quant_double, dtype))
+    quantiser._process_model_before_weight_loading(model, device_map=None)
+    quantiser._process_model_after_weight_loading(model)  # the is_loaded_in_4bit / 8bit flags peft reads
+    _bnb_ready(model, spec, quant)
+    return model
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear's weight in full precision: bitsandbytes layers dequantised (the copy a pruned init reads)."""
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    if not any(m is module for m in quantised_linears(module)):
+        return module.weight
+    return dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(torch.float32)
+
+
 def build(spec: str | BackboneSpec, device: Device | str | torch.device = "meta", weights: Weights = "random",
-          dtype: torch.dtype = torch.float32, causal_lm: bool = False) -> nn.Module:
+          dtype: torch.dtype = torch.float32, causal_lm: bool = False, quant: Quant = "none",
+          quant_double: bool = False) -> nn.Module:
     """Build a backbone directly in `dtype` on `device` (meta builds allocate nothing: any size in well under a second).
 
     `causal_lm=True` returns the LM-head model (LlamaForCausalLM) — only for counting
-    against published totals; training uses the bare backbone.
+    against published totals; training uses the bare backbone. `quant`: a quantised frozen backbone — on
+    meta its structure (`quantise_structure`); random weights are drawn as without it, saved and loaded back
+    through the quantised load, so the quantised values are those of the full-precision draw.
     """
     spec = get_spec(spec)
     if weights == "pretrained":
         if causal_lm:
             raise ValueError("pretrained causal-LM builds are not needed; use causal_lm=False")
-        return load_pretrained(spec, dtype, device)
+        return load_pretrained(spec, dtype, device, quant=quant, quant_double=quant_double)
+    if quant != "none":
+        if causal_lm:
+            raise ValueError("quantised causal-LM builds are not needed; use causal_lm=False")
+        if str(device) == "meta":
+            return quantise_structure(build(spec, "meta", dtype=dtype), spec, quant, quant_double, dtype)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="petl-quant-") as folder:
+            build(spec, "cpu", dtype=dtype).save_pretrained(folder)
+            return load_pretrained(spec, dtype, device, Source(Path(folder), "random"), quant, quant_double)
     if weights != "random":
         raise ValueError(f"weights must be 'random' or 'pretrained', not {weights!r}")
     if causal_lm and spec.model_type != "llama":

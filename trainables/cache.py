@@ -82,6 +82,8 @@ class CacheKey:
     format: int = FORMAT
     decoder_taps: tuple[int, ...] = ()  # encoder–decoders: the frozen decoder's φ_i, over every candidate ...
     targets: tuple[tuple[int, ...], ...] = ()  # ... target: the class words' token ids (trainables.text2text)
+    quant: str = "none"  # a quantised backbone's taps are their own cache (none | int8 | nf4) ...
+    quant_double: bool = False  # ... and NF4 with double quantisation another
 
     # Recorded, not hashed: the data digest already pins the rows they select, and the weights
     # revision the random draw, so trials that differ only here share one cache.
@@ -89,7 +91,8 @@ class CacheKey:
 
     def fingerprint(self) -> str:
         parts = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.INFORMATIONAL
-                 and not (k in ("decoder_taps", "targets") and not v)}  # single-stack keys hash as before
+                 and not (k in ("decoder_taps", "targets", "quant_double") and not v)
+                 and not (k == "quant" and v == "none")}  # single-stack, full-precision keys hash as before
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -110,9 +113,7 @@ def weights_revision(spec: BackboneSpec, weights: str, seed: int, backbone: nn.M
     drew differently never share a cache; a partitioned (ZeRO) random backbone has no local values
     to sample: its seed names it."""
     if weights == "pretrained":
-        from trainables.backbones import source
-
-        return f"{spec.hf_id or spec.folder}@{revision or source(spec).revision}"
+        return f"{spec.hf_id or spec.folder}@{revision or hub_revision(spec)}"
     if is_partitioned(backbone):
         return f"random:seed={seed}:torch={torch.__version__}:zero-init"
     h = hashlib.sha256()
@@ -120,6 +121,22 @@ def weights_revision(spec: BackboneSpec, weights: str, seed: int, backbone: nn.M
         h.update(f"{name}{tuple(p.shape)}".encode())
         h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return f"random:{h.hexdigest()[:32]}"
+
+
+def hub_revision(spec: BackboneSpec) -> str:
+    """The commit a trial's weights will be, without the weights: a folder's digest, the commit of this
+    machine's hub cache (its refs, offline), else the hub's metadata (`model_info`). A GPU-less head names
+    a 13 GB backbone's caches this way instead of downloading it."""
+    from trainables.backbones import _cached_snapshot, folder_revision
+
+    if spec.folder is not None:
+        return folder_revision(Path(spec.folder))
+    cached = _cached_snapshot(spec.hf_id, spec.revision, ["config.json"])  # named by its commit
+    if cached is not None:
+        return cached.name
+    from huggingface_hub import HfApi
+
+    return HfApi().model_info(spec.hf_id, revision=spec.revision).sha
 
 
 def tokenizer_revision(spec: BackboneSpec) -> str:
@@ -166,7 +183,8 @@ def trial_keys(model: SideModel, spec: BackboneSpec, cfg: CacheSettings, splits:
                   compute_dtype=str(compute_dtype).removeprefix("torch."),
                   tokenizer="none" if cfg.task == "synthetic" else tokenizer_revision(spec),
                   task=cfg.task, train_size=cfg.train_size, seed=cfg.seed, max_length=cfg.max_length,
-                  taps=taps, positions=positions, dtype=cfg.cache_dtype, **decoder_request(model))
+                  taps=taps, positions=positions, dtype=cfg.cache_dtype, **decoder_request(model),
+                  quant=getattr(cfg, "quant", "none"), quant_double=getattr(cfg, "quant_double", False))
     return {name: CacheKey(split=name, data=data_digest(ds), **common) for name, ds in splits.items()}
 
 
@@ -267,6 +285,18 @@ def manifest_of(key: CacheKey, lengths: np.ndarray, records: list[dict[str, Any]
             "build_energy_joules": joules, "build_energy_source": energy_source, "created_at": time.time()}
 
 
+def metered(records: list[dict[str, Any]], meter: EnergyMeter) -> tuple[float | None, str]:
+    """A build's energy: what the builders metered on their own devices (each record's `energy_joules`,
+    summed), or else this process's meter (a trial building with its own backbone)."""
+    joules = meter.stop()
+    sources = {r.get("energy_source") for r in records}
+    if not records or None in sources:
+        return joules, meter.source
+    per = [r.get("energy_joules") for r in records]
+    source = "+".join(sorted(sources))
+    return (None if None in per or "none" in sources else float(sum(per))), source
+
+
 def ensure(root: Path, key: CacheKey, lengths: np.ndarray, d: int, write_shards: ShardWriter,
            shard_bytes: int = SHARD_BYTES) -> tuple[Path, str]:
     """The valid cache folder for `key`, building it if needed; returns (folder, what happened)."""
@@ -285,8 +315,8 @@ def ensure(root: Path, key: CacheKey, lengths: np.ndarray, d: int, write_shards:
             start = time.perf_counter()
             meter = EnergyMeter("cuda" if torch.cuda.is_available() else "cpu").start()  # the builders' node
             records = write_shards(staging, shard_ranges(lengths, key, d, shard_bytes))
-            joules = meter.stop()
-            manifest = manifest_of(key, lengths, records, time.perf_counter() - start, joules, meter.source)
+            joules, source = metered(records, meter)
+            manifest = manifest_of(key, lengths, records, time.perf_counter() - start, joules, source)
             tmp = staging / f".{MANIFEST}.tmp"
             tmp.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp, staging / MANIFEST)  # the manifest last: it is what marks a cache complete
@@ -573,6 +603,18 @@ def fetch(uri: str, key: CacheKey, mirror: Path) -> Path | None:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def published_step(uri: str, name: str) -> dict[str, Any] | None:
+    """A live-step measurement the cache's builder published under `<uri>/steps/` (study.prepare), or None."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(f"{uri.rstrip('/')}/steps/{name}")
+    try:
+        with fs.open_input_stream(base) as fh:
+            return json.loads(fh.read())
+    except (FileNotFoundError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------- one trial

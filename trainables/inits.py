@@ -50,7 +50,10 @@ def key(cfg: Any, spec: BackboneSpec, info: MethodInfo, model: TaskModel, train:
             "weights": cache.weights_revision(spec, weights, cfg.seed, model.backbone, revision),
             "compute_dtype": str(dtype).removeprefix("torch."), "method": cfg.method,
             "method_config": dataclasses.asdict(info.parse(cfg.method_config)), "pooling": model.pooling,
-            "n_labels": model.n_labels, "task": cfg.task, "data": cache.data_digest(train), "seed": cfg.seed}
+            "n_labels": model.n_labels, "task": cfg.task, "data": cache.data_digest(train), "seed": cfg.seed,
+            # a quantised backbone's weights are other weights (a pruned init reads them dequantised)
+            **({"quant": cfg.quant, "quant_double": cfg.quant_double} if getattr(cfg, "quant", "none") != "none"
+               else {})}
 
 
 def path_of(cfg: cache.TrialSettings, parts: dict[str, Any]) -> Path:

@@ -14,7 +14,8 @@ summary is written, reported and returned whatever happens.
 
 Precision: fp32 on CPU (bf16 matmuls are very slow there). On CUDA with bf16 the frozen
 backbone is held in bf16, what trains is kept in fp32 (master weights, fp32 AdamW state),
-and forward passes run under `torch.autocast(bf16)`: standard mixed precision.
+and forward passes run under `torch.autocast(bf16)`: standard mixed precision. A GPU without native
+bf16 (compute capability < 8) trains in fp32 (`trial.resolve`; the row's `dtype` says which).
 
 Single-run CLI: `python -m trainables.loop --backbone minilm-l6 --method read --task vader-movies`.
 """
@@ -49,24 +50,37 @@ from trainables import tasks
 from trainables.backbones import build, get_spec
 from trainables.energy import EnergyMeter
 from trainables.memory import adamw
-from trainables.methods import apply_method, get_method
+from trainables.methods import REGISTRY, apply_method, get_method
 from trainables.methods.base import Pooling, TaskModel, config_from_dict
-from trainables.trial import Trial, assemble, device_name, eval_subset, frozen_backbone, load_data, resolve  # noqa: F401 (re-exported)
+from trainables.methods.external import provenance
+from trainables.trial import (  # noqa: F401 (re-exported)
+    Trial,
+    assemble,
+    check_quant,
+    device_name,
+    eval_subset,
+    frozen_backbone,
+    load_data,
+    prepare_backbone,
+    resolve,
+)
 
 # The trial record (DESIGN.md, trials.parquet), in this order; null where not applicable.
 SUMMARY_KEYS: tuple[str, ...] = (
     "status", "error", "method", "backbone", "backbone_family", "backbone_revision", "task", "train_size", "seed",
     "pooling",
+    "quant", "quant_double", "gradient_checkpointing",  # the frozen backbone's precision; activation checkpointing
+    "dataset_revision", "method_module", "method_version", "method_hash",  # which data and which method code ran
     "metric_name", "best_metric", "best_epoch", "final_metric", "test_metric", "chance_metric", "steps_per_epoch",
     "lr_schedule", "epochs_run", "epochs_to_target",
     "params_total", "params_trainable", "params_head",
-    "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
-    "memory_activations_bytes", "memory_source",
+    "peak_memory_bytes", "peak_memory_reserved_bytes", "memory_params_bytes", "memory_grads_bytes",
+    "memory_optimizer_bytes", "memory_activations_bytes", "memory_source",
     "energy_joules", "energy_source", "flops_per_step", "tokens_per_s", "train_time_s", "cache_hit",
-    "cache_reason", "cache_builds", "device", "torch_version", "transformers_version",
+    "cache_reason", "cache_builds", "device", "dtype", "torch_version", "transformers_version",
 )
 MEMORY_KEYS: tuple[str, ...] = (
-    "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
+    "peak_memory_bytes", "peak_memory_reserved_bytes", "memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes",
     "memory_activations_bytes", "memory_source",
 )
 # One line of epochs.jsonl (plus `eval_<metric name>`, a copy of eval_metric under its own name).
@@ -80,7 +94,8 @@ PREDICTIONS_FILE = "predictions.parquet"  # in the last checkpoint of an eval_te
 LOSS_EXPLOSION = 1000.0
 # Settings a checkpoint must share with the run that resumes it (others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("backbone", "method", "method_config", "task", "train_size", "max_length", "pooling", "seed",
-                     "batch_size", "lr", "weight_decay", "text_col", "label_col", "lr_schedule")
+                     "batch_size", "lr", "weight_decay", "text_col", "label_col", "lr_schedule", "quant",
+                     "quant_double", "gradient_checkpointing")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -129,6 +144,13 @@ class RunConfig:
     zero: Literal["auto", "off", "on"] = "auto"
     zero_offload: Literal["cpu", "nvme", "none"] = "cpu"
     zero_nvme_path: str | None = None
+    # a quantised frozen backbone (bitsandbytes; trainables.backbones.bnb_config): QLoRA is lora with nf4;
+    # quant_double: NF4's double quantisation of the block constants
+    quant: Literal["none", "int8", "nf4"] = "none"
+    quant_double: bool = False
+    # recompute each block's activations in backward (transformers' non-reentrant checkpointing), for methods
+    # that backpropagate through the backbone; refused for side methods and the probe (nothing to recompute)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_config, dict):
@@ -167,12 +189,14 @@ def validate(cfg: RunConfig) -> None:
     """Check names and the method config without building anything; raises ValueError naming valid values."""
     spec = get_spec(cfg.backbone)
     method_cfg = get_method(cfg.method).parse(cfg.method_config)
-    if not (cfg.task in tasks.TASK_NAMES or cfg.task.startswith("file:")):
-        raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, or file:PATH")
+    if not tasks.is_task_name(cfg.task):
+        raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, file:PATH, "
+                         "or hf:ORG/NAME[:CONFIG]")
     if cfg.weights == "pretrained" and not spec.has_checkpoint:
         raise ValueError(f"{spec.name} has no checkpoint (random weights only); use weights=random or auto")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda, but no CUDA device is visible")
+    check_quant(cfg, spec)
     if cfg.zero == "on" and get_method(cfg.method).family == "graft":
         raise ValueError(f"zero=on is for side methods' frozen backbones; {cfg.method} trains inside the backbone")
     positions = spec.config.get("max_position_embeddings")
@@ -182,7 +206,8 @@ def validate(cfg: RunConfig) -> None:
                          f"{spec.name}'s {positions} positions")
     # the method on a weightless copy (meta device, milliseconds even for 70B): config errors surface
     # here, before any data, weights or output folder
-    apply_method(cfg.method, build(spec, "meta"), spec, method_cfg, n_labels=2, pooling=cfg.pooling)
+    apply_method(cfg.method, prepare_backbone(build(spec, "meta", quant=cfg.quant, quant_double=cfg.quant_double),
+                                              cfg), spec, method_cfg, n_labels=2, pooling=cfg.pooling)
     if cfg.zero == "on" and getattr(method_cfg, "importance", None) == "fisher":
         raise ValueError("zero=on: Fisher importance needs the backbone's gradients, which a partitioned "
                          "backbone does not gather; use importance=l1")
@@ -390,8 +415,11 @@ def train(cfg: RunConfig, out_dir: Path, report: Report = lambda m, c: None,
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
     summary |= {"status": "ok", "method": cfg.method, "backbone": cfg.backbone, "task": cfg.task,
-                "train_size": cfg.train_size, "seed": cfg.seed, "cache_hit": False,
+                "train_size": cfg.train_size, "seed": cfg.seed, "cache_hit": False, "quant": cfg.quant,
+                "quant_double": cfg.quant_double, "gradient_checkpointing": cfg.gradient_checkpointing,
                 "torch_version": torch.__version__, "transformers_version": transformers.__version__}
+    if cfg.method in REGISTRY:
+        summary |= provenance(cfg.method)
     history: list[dict[str, Any]] = []  # one record per finished epoch (what epochs.jsonl holds)
     totals = {"tokens_seen": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "energy_joules": 0.0}
     reported, live, trial = False, False, None

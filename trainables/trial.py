@@ -42,18 +42,35 @@ from trainables.methods import apply_method, get_method
 from trainables.methods.base import MethodInfo, Output, Taps, TaskModel
 from trainables.text2text import LabelWords, regression_targets
 
-MEASURE_KEYS = ("flops_per_step", "peak_memory_bytes", "memory_params_bytes", "memory_grads_bytes",
-                "memory_optimizer_bytes", "memory_activations_bytes", "memory_source")
+MEASURE_KEYS = ("flops_per_step", "peak_memory_bytes", "peak_memory_reserved_bytes", "memory_params_bytes",
+                "memory_grads_bytes", "memory_optimizer_bytes", "memory_activations_bytes", "memory_source")
 
 
 def resolve(cfg: Any) -> tuple[torch.device, torch.dtype, str]:
-    """The trial's device, compute dtype and weights (auto: pretrained when the checkpoint is on this machine)."""
+    """The trial's device, compute dtype and weights (auto: pretrained when the checkpoint is on this machine).
+
+    bf16 (asked for, or auto on CUDA) only on a GPU with native bf16 (compute capability >= 8: A10G, A100,
+    H100); an older one (T4, V100) trains in fp32, as `dtype` records: fp16 would need a GradScaler, which
+    the loop does not have, and emulated bf16 is slower than fp32."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not bf16_native(device):
+        dtype = torch.float32
     spec = get_spec(cfg.backbone)
     weights = ("pretrained" if backbones.weights_here(spec) else "random") if cfg.weights == "auto" else cfg.weights
     return device, dtype, weights
+
+
+def bf16_native(device: torch.device) -> bool:
+    """The GPU computes in bf16 natively (not emulated)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The `dtype` column: the compute dtype the trial ran with (fp32 | bf16)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def eval_subset(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
@@ -93,14 +110,65 @@ def load_data(cfg: Any, spec: BackboneSpec) -> tuple[tasks.TaskData, datasets.Da
 
 def frozen_backbone(cfg: Any, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, weights: str,
                     src: Source | None = None) -> tuple[nn.Module, zero.ZeroBackbone | None]:
-    """The whole backbone, partitioned under ZeRO-3 when `zero.decide` says so on this device."""
-    if zero.decide(cfg.zero, get_method(cfg.method).family != "graft", spec, dtype, device):
+    """The whole backbone, partitioned under ZeRO-3 when `zero.decide` says so on this device, or quantised
+    (`cfg.quant`: never partitioned, `check_quant`)."""
+    quant, double = getattr(cfg, "quant", "none"), getattr(cfg, "quant_double", False)
+    if quant == "none" and zero.decide(cfg.zero, get_method(cfg.method).family != "graft", spec, dtype, device):
         partitioned = zero.build_partitioned(spec, weights=weights, dtype=dtype,
                                              ds_config=zero.config(cfg.zero_offload, dtype, cfg.zero_nvme_path))
         return partitioned.module, partitioned
     if weights == "pretrained":
-        return backbones.load_pretrained(spec, dtype, device, src), None
-    return build(spec, device=device, weights="random", dtype=dtype), None
+        return backbones.load_pretrained(spec, dtype, device, src, quant, double), None
+    return build(spec, device=device, weights="random", dtype=dtype, quant=quant, quant_double=double), None
+
+
+def check_quant(cfg: Any, spec: BackboneSpec) -> None:
+    """Refuse, in one line, a quantised backbone or gradient checkpointing where they cannot apply."""
+    info = get_method(cfg.method)
+    if cfg.quant not in backbones.QUANTS:
+        raise ValueError(f"quant {cfg.quant!r}; valid: {', '.join(backbones.QUANTS)}")
+    if cfg.quant_double and cfg.quant != "nf4":
+        raise ValueError(f"quant_double quantises NF4's block constants; it needs quant=nf4, not {cfg.quant}")
+    if cfg.gradient_checkpointing and info.family != "graft":
+        raise ValueError(f"gradient_checkpointing: {cfg.method} does not backpropagate through the backbone "
+                         "(it reads frozen taps), so there is nothing to recompute; use it with full, lora, ia3, "
+                         "adapter, bitfit or prompt")
+    if cfg.quant == "none":
+        return
+    if cfg.method == "full":
+        raise ValueError("full fine-tuning trains the backbone's weights; quant needs a frozen backbone")
+    if cfg.zero == "on":
+        raise ValueError(f"zero=on with quant={cfg.quant}: a quantised backbone is not partitioned; use one or "
+                         "the other")
+    if getattr(info.parse(cfg.method_config), "importance", None) == "fisher":
+        raise ValueError(f"quant={cfg.quant}: Fisher importance needs gradients of the backbone's weights, which "
+                         "quantised weights do not have; use importance=l1")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"quant={cfg.quant} needs bitsandbytes ({exc}); install it or use quant=none") from None
+
+
+def prepare_backbone(backbone: nn.Module, cfg: Any) -> nn.Module:
+    """Gradient checkpointing and k-bit preparation, before the method is applied (one place: trials,
+    validation, memory estimates).
+
+    A method that backpropagates through a quantised backbone (QLoRA = lora on nf4) gets peft's
+    `prepare_model_for_kbit_training`: it freezes every weight, upcasts fp16/bf16 weights that are not
+    quantised (embeddings, norms) to fp32 — a no-op in fp32, more resident bytes in bf16 — and enables
+    checkpointing only when `gradient_checkpointing` asks for it. Checkpointing is transformers' own,
+    non-reentrant: with a frozen embedding the checkpointed blocks' inputs need no requires_grad."""
+    if get_method(cfg.method).family != "graft":
+        return backbone
+    kwargs = {"use_reentrant": False}
+    if getattr(cfg, "quant", "none") != "none":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=kwargs)
+    if getattr(cfg, "gradient_checkpointing", False):  # transformers 5's name for gradient_checkpointing_enable
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    return backbone
 
 
 def _param_names(backbone: nn.Module, params: list[nn.Parameter]) -> set[str]:
@@ -123,18 +191,30 @@ _ESTIMATED: dict[str, dict[str, Any]] = {}  # per process: a reused Ray actor es
 def estimated_step(spec: BackboneSpec, cfg: Any, n_labels: int, batch_shape: tuple[int, int],
                    dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """Memory and FLOPs of the method's live step for this config and batch shape, on fake tensors, with the
-    optimizer kernel the trial's device trains with (fused on CPU, foreach on CUDA: `memory.adamw`)."""
+    optimizer kernel the trial's device trains with (fused on CPU, foreach on CUDA: `memory.adamw`) and, on
+    a GPU, as CUDA runs the step (its autocast rules and cuBLAS workspaces: `memory.estimate_step`)."""
     from trainables.memory import estimate_step
 
     key = json.dumps([spec.name, spec.config, cfg.method, cfg.method_config, n_labels, batch_shape, str(dtype),
-                      device.type], sort_keys=True, default=str)
+                      device.type, *step_variant(cfg)], sort_keys=True, default=str)
     if key not in _ESTIMATED:
         b, t = batch_shape
         report = estimate_step(spec, cfg.method, cfg.method_config, batch_size=b, seq_len=t, dtype=dtype,
-                               n_labels=n_labels, count_flops=True, foreach=None if device.type == "cpu" else True)
+                               quant=cfg.quant, quant_double=cfg.quant_double,
+                               gradient_checkpointing=cfg.gradient_checkpointing,
+                               n_labels=n_labels, count_flops=True, foreach=None if device.type == "cpu" else True,
+                               device_type="cuda" if device.type == "cuda" else "cpu")
         out: dict[str, Any] = {**report.as_dict(), "flops_per_step": report.flops}
         _ESTIMATED[key] = out
     return dict(_ESTIMATED[key])
+
+
+def step_variant(cfg: Any) -> list[dict[str, Any]]:
+    """A step's quantisation and checkpointing, for keys of step measurements: empty when neither is on, so
+    keys of full-precision steps stay what they were."""
+    variant = {"quant": getattr(cfg, "quant", "none"), "quant_double": getattr(cfg, "quant_double", False),
+               "gradient_checkpointing": getattr(cfg, "gradient_checkpointing", False)}
+    return [variant] if variant != {"quant": "none", "quant_double": False, "gradient_checkpointing": False} else []
 
 
 @dataclass
@@ -204,6 +284,9 @@ class Trial:
         memo = self._memo(shape) if measure_memory and self.readers is not None else None
         if memo is not None and memo.is_file():  # measured (or estimated) once for this config and shape
             return json.loads(memo.read_text())
+        remote = cache.roots(self.cfg)[1] if memo is not None else None
+        if remote is not None and (published := cache.published_step(remote, memo.name)) is not None:
+            return published  # measured by the cache's builder, in the study's storage
         if self.backbone_bytes_loaded is not None:
             measured = estimated_step(self.spec, self.cfg, self.task.n_labels, shape, self.dtype, self.device)
         else:
@@ -212,10 +295,11 @@ class Trial:
             first = self.to_device(first)
             self.model.train()
             measured = {}
-            with untouched(self.model), self.autocast:
-                measured["flops_per_step"] = int(flops_per_step(self.model, first))
-                if measure_memory:
-                    measured |= measure_step(self.model, first, lr=lr).as_dict()
+            with untouched(self.model):
+                with self.autocast:  # leaving it drops autocast's cache of bf16 weight copies before the peak
+                    measured["flops_per_step"] = int(flops_per_step(self.model, first))
+                if measure_memory:  # autocast around the forward only, as the loop trains
+                    measured |= measure_step(self.model, first, lr=lr, forward_context=self.autocast).as_dict()
         if memo is not None:
             memo.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo.with_suffix(f".{os.getpid()}.tmp")
@@ -225,9 +309,12 @@ class Trial:
 
     def _memo(self, shape: tuple[int, ...]) -> Path:
         """Where a cached trial's step measurement is kept beside the cache, per (pair, config, batch shape,
-        dtype, device): the trial that builds the cache measures live, later ones read it."""
-        key = json.dumps([self.spec.name, self.spec.config, self.revision, self.cfg.method, self.cfg.method_config,
-                          self.model.pooling, self.task.n_labels, shape, str(self.dtype), self.facts["device"]],
+        dtype, device): the cache's builder (study.prepare) or the trial that builds the cache measures live,
+        later ones read it. A float in the config (READ's output scale) changes no size: left out."""
+        sized = {k: v for k, v in (self.cfg.method_config or {}).items() if not isinstance(v, float)}  # no scale
+        key = json.dumps([self.spec.name, self.spec.config, self.revision, self.cfg.method, sized,
+                          self.model.pooling, self.task.n_labels, shape, str(self.dtype), self.facts["device"],
+                          *step_variant(self.cfg)],
                          sort_keys=True,
                          default=str)
         return cache.trial_root(self.cfg) / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
@@ -241,6 +328,7 @@ def _apply(cfg: Any, backbone: nn.Module, spec: BackboneSpec, task: tasks.TaskDa
            device: torch.device | None = None) -> TaskModel:
     """The method on the backbone, its own weights drawn from the trial's seed whatever the backbone's path."""
     torch.manual_seed(cfg.seed)
+    backbone = prepare_backbone(backbone, cfg)
     with zero.gathered(zero.apply_reads(backbone, spec, cfg.method)):  # no-op unless partitioned
         model = apply_method(cfg.method, backbone, spec, cfg.method_config, n_labels=task.n_labels,
                              pooling=cfg.pooling, device=device)
@@ -313,14 +401,16 @@ def assemble(cfg: Any) -> Trial:
     side = info.family != "graft"  # frozen backbone read, never trained
     src = backbones.source(spec) if weights == "pretrained" else None  # downloads once per node
     task, validation = load_data(cfg, spec)
-    facts = {"device": device_name(device), "backbone_family": spec.family,
-             "backbone_revision": src.revision if src else None,
+    facts = {"device": device_name(device), "dtype": dtype_name(dtype), "backbone_family": spec.family,
+             "backbone_revision": src.revision if src else None, "dataset_revision": task.revision,
              "train_size": len(task.train), "metric_name": task.metric_name}
     splits = splits_read(cfg, task, validation)
     use_cache = cfg.cache and info.cacheable
     # Encoder–decoders read their cache with the whole backbone loaded (the LM head, both stacks' norms and
     # first blocks' position biases are needed): the cache saves the frozen forward, not the load.
-    if use_cache and src is not None and not spec.anatomy.encoder_decoder and \
+    # A quantised backbone is loaded whole too: its taps' cache saves the forward; a block the side model runs
+    # itself (SHERL's last) must be the quantised one, which the safetensors files do not hold.
+    if use_cache and src is not None and not spec.anatomy.encoder_decoder and cfg.quant == "none" and \
             not zero.decide(cfg.zero, side, spec, dtype, device):
         found = _cached_without_backbone(cfg, spec, device, dtype, src, task, validation)
         if found is not None:

@@ -91,7 +91,7 @@ def test_fingerprint_changes_when_any_key_part_changes():
     other = {"backbone": "bert-tiny", "backbone_config": "c2", "weights": "w2", "compute_dtype": "bfloat16",
              "tokenizer": "t2", "task": "vader-movies", "split": "validation", "train_size": 32, "seed": 1,
              "max_length": 32, "data": "d2", "taps": (0, 1), "positions": "last", "dtype": "fp32", "format": 2,
-             "decoder_taps": (0, 1), "targets": ((5, 1), (6, 1))}
+             "decoder_taps": (0, 1), "targets": ((5, 1), (6, 1)), "quant": "nf4", "quant_double": True}
     assert set(other) == {f.name for f in dataclasses.fields(cache.CacheKey)}
     prints = {name: key(**{name: value}).fingerprint() for name, value in other.items()}
     hashed = {k: v for k, v in prints.items() if k not in cache.CacheKey.INFORMATIONAL}

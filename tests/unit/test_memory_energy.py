@@ -99,7 +99,7 @@ def test_estimate_needs_no_weights_for_a_large_model():
 
 def test_report_columns():
     d = memory.MemoryReport(10, 1, 2, 3, 4, "tracked").as_dict()
-    assert d == {"peak_memory_bytes": 10, "memory_params_bytes": 1, "memory_grads_bytes": 2,
+    assert d == {"peak_memory_bytes": 10, "peak_memory_reserved_bytes": None, "memory_params_bytes": 1, "memory_grads_bytes": 2,
                  "memory_optimizer_bytes": 3, "memory_activations_bytes": 4, "memory_source": "tracked"}
     with pytest.raises(ValueError, match="memory source"):
         memory.MemoryReport(0, 0, 0, 0, 0, "guessed")
@@ -177,8 +177,10 @@ def test_cuda_path_takes_the_allocator_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: tracked.peak_bytes + 4096)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 2**30)
     report = memory.measure_step(model, batch)
     assert calls == ["sync", "reset", "sync"]
     assert report.source == "cuda" and report.peak_bytes == tracked.peak_bytes + 4096
+    assert report.as_dict()["peak_memory_reserved_bytes"] == 2**30
     assert (report.params, report.optimizer) == (tracked.params, tracked.optimizer)
     assert report.activations == report.peak_bytes - report.params - report.grads - report.optimizer

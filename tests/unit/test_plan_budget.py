@@ -17,7 +17,10 @@ def test_without_a_gpu_trials_plan_for_cpu_and_a_share_of_ram():
 def test_gpu_memory_flag_plans_gpu_trials_from_a_cpu_head():
     b = plan.Budget.detect(gpu_memory_gib=24)
     assert b.device == "cuda" and b.gpus_per_trial == 1
-    assert b.memory_bytes == int(24 * 2**30 * 0.9)  # 10% kept for the allocator and kernels' workspaces
+    # the context off the device's total, then 10% kept for the allocator's fragmentation and cache
+    assert b.memory_bytes == int(0.9 * (24 * 2**30 - plan.CUDA_CONTEXT_BYTES))
+    a10g = plan.Budget.detect(gpu_memory_gib=23028 / 1024)  # what an A10G reports, not its nominal 24 GB
+    assert 19.7 < a10g.memory_bytes / 2**30 < 19.8 < 0.9 * 24
     assert b.cpu_max_block_params > 10**12  # no "too slow on cpu" cut on GPUs
 
 

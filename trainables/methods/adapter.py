@@ -73,7 +73,9 @@ def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int
     for block in spec.anatomy.all_blocks(backbone):
         for site in SITES[spec.family]:
             proj = next(m for name, m in block.named_modules() if name == site or name.endswith("." + site))
-            proj.adapter = Bottleneck(d, width, cfg.activation, proj.weight.dtype)
+            # a quantised projection's weight is packed integers: the adapter takes the backbone's float dtype
+            dtype = proj.weight.dtype if proj.weight.is_floating_point() else backbone.dtype
+            proj.adapter = Bottleneck(d, width, cfg.activation, dtype)
             proj.register_forward_hook(_run_adapter)
     return GraftModel(backbone, spec, n_labels, pooling)
 

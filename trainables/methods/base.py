@@ -117,7 +117,12 @@ def register(info: MethodInfo) -> MethodInfo:
 
 def get_method(name: str) -> MethodInfo:
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(REGISTRY)}")
+        from trainables.methods.external import ENTRY_POINT_ERRORS
+
+        if name in ENTRY_POINT_ERRORS:
+            raise ValueError(f"method {name!r} did not load: {ENTRY_POINT_ERRORS[name]}")
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(REGISTRY)}, or a module path "
+                         "(my_pkg.my_method) whose import registers one")
     return REGISTRY[name]
 
 

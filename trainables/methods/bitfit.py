@@ -32,8 +32,9 @@ class Config:
 def apply(backbone: nn.Module, spec: BackboneSpec, cfg: Config, *, n_labels: int, pooling: Pooling) -> GraftModel:
     for linear in (m for block in spec.anatomy.all_blocks(backbone) for m in block.modules()):
         if isinstance(linear, nn.Linear) and linear.bias is None:
-            w = linear.weight
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=w.dtype, device=w.device))
+            w = linear.weight  # a quantised Linear's weight is packed integers: its bias takes the backbone's dtype
+            dtype = w.dtype if w.is_floating_point() else backbone.dtype
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=dtype, device=w.device))
     for name, p in backbone.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
     return GraftModel(backbone, spec, n_labels, pooling)

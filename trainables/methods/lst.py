@@ -388,7 +388,7 @@ def prune_init(model: LstModel, batches: Iterable[Any] | None = None) -> dict[in
         sums = _fisher_sums(model, batches)
     else:
         sums = {f"{st.prefix}{j}.{n}": _line_sums(p.abs()) for st in stacks for j in st.kept
-                for n, p in st.backbone_blocks[j].named_parameters()}
+                for n, p in _dense_parameters(st.backbone_blocks[j])}
     head_dim = model.backbone.config.head_dim if spec.family == "t5" else \
         spec.d_model // model.backbone.config.num_attention_heads
     side_head_dim = side.hidden_size // side.num_attention_heads if spec.family != "t5" else side.d_kv
@@ -434,10 +434,20 @@ def _line_sums(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (x.sum(-1), x.sum(0)) if x.dim() == 2 else (x,)
 
 
+def _dense_parameters(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A block's parameters by name, a quantised backbone's Linear weights dequantised (the values the
+    frozen backbone computes with), so a pruned init reads a quantised backbone as it reads any other."""
+    from trainables.backbones import dense_weight, quantised_linears
+
+    quantised = quantised_linears(block)
+    dense = {f"{n}.weight": dense_weight(m) for n, m in block.named_modules() if any(m is q for q in quantised)}
+    return [(n, dense.get(n, p)) for n, p in block.named_parameters()]
+
+
 def _copy_pruned(src: nn.Module, dst: nn.Module, family: str, sel: dict[str, torch.Tensor], head_dim: int) -> None:
     dst_params = dict(dst.named_parameters())
     with torch.no_grad():
-        for name, p in src.named_parameters():
+        for name, p in _dense_parameters(src):
             module, leaf = _split(name)
             rows, cols = PLANS[family][module]
             w = p.index_select(0, _index(rows, sel, p.shape[0], head_dim))

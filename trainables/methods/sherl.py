@@ -125,7 +125,7 @@ class SherlModel(SideModel):
         bias from its stack's first block, and a decoder block cross-attends to `encoded`."""
         blocks = self.spec.anatomy.get(self.backbone, stack)
         block = blocks[-1]
-        dtype = next(block.parameters()).dtype
+        dtype = next(p.dtype for p in block.parameters() if p.is_floating_point())  # not a quantised weight's
         x = m.to(dtype)
         bias = None
         if self.text2text:
