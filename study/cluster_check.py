@@ -6,7 +6,8 @@ loses its results (STACK_NOTES.md, "The AWS cluster launcher"): every node insta
 study/setup.sh (Python >= 3.11, the same recipe as `make install`) with the extras that give
 the autoscaler boto3 and the dashboard ray[default]; no ingress rule Ray adds itself (SSH) and
 no other port; token auth and a loopback-only dashboard; an instance profile on every worker
-type (trials upload checkpoints to the bucket from their node); CPU-only capacity outside the
+type (trials upload checkpoints to the bucket from their node) and one of the head's own, whose role
+may pass it (Ray's default head role cannot: EC2 would refuse every worker launch); CPU-only capacity outside the
 GPU node types (memory estimates); the hub token mounted from outside the repository.
 Exit status 2 and one line per problem when anything fails.
 """
@@ -84,6 +85,12 @@ def problems(cfg: dict[str, Any], pyproject: dict[str, Any]) -> list[str]:
     for name, spec in types.items():
         if name != head and not (spec.get("node_config") or {}).get("IamInstanceProfile"):
             out.append(f"worker type {name!r} has no IamInstanceProfile: its trials cannot write to the bucket")
+    passed = sorted({str(p.get("Name") or p.get("Arn")) for n, s in types.items() if n != head
+                     for p in [(s.get("node_config") or {}).get("IamInstanceProfile") or {}] if p})
+    if passed and not ((types.get(head) or {}).get("node_config") or {}).get("IamInstanceProfile"):
+        out.append(f"the head type {head!r} has no IamInstanceProfile of its own: Ray's default head role cannot "
+                   f"iam:PassRole the workers' {', '.join(passed)}, so EC2 refuses every worker launch "
+                   "(give the head a profile whose role may pass it: README, petl-study-head)")
     if not any((spec.get("resources") or {}).get(CPU_ONLY) and not (spec.get("resources") or {}).get("GPU")
                and not re.match(r"(g|p)\d", str((spec.get("node_config") or {}).get("InstanceType", "")))
                for spec in types.values()):

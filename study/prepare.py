@@ -4,9 +4,12 @@ For each group whose method is cacheable, the cache keys are computed exactly as
 trials will compute them (`trainables.loop` helpers: same task subsample, validation
 subset, device, dtype, weights; `trainables.cache.trial_keys`). Groups on the same
 backbone and task share caches: a group needing taps up to φ_{L-1} (SHERL) is served by
-one holding φ_0..φ_L (LST), so such requests are merged. Every missing cache is built as
-Ray tasks, one per shard, writing into a staging folder that `cache.ensure` commits under
-the cache's lock; trials then only read (`cache_dir` in their run config).
+one holding φ_0..φ_L (LST), so such requests are merged. Every missing cache is built by
+builder actors, one per device, each loading the backbone once and writing every shard it is
+given into a staging folder that `cache.ensure` commits under the cache's lock; trials then
+only read (`cache_dir` in their run config). The builders, holding the backbone on the trials'
+kind of device, also measure each reading config's live step and publish it beside the caches
+(`<caches>/steps/`), and meter their own devices' energy, summed into the manifest.
 
 The caches live in the study's storage, `<storage>/.activations/`, where every node can
 read them: a local `--storage` must be one folder for all nodes (checked: one machine or
@@ -15,13 +18,15 @@ manifest is committed last (`ensure_published`), and each node's trials fetch a 
 into a node-local mirror (`cache.fetch`).
 
 A backbone under ZeRO-3 (`zero: on`, or auto when it does not fit a device) is built
-partitioned; with `ranks > 1` the shards are spread over that many Ray actors forming
-one torch.distributed group, kept in lockstep (`cache.write_shards(per_rank=...)`).
+partitioned; with `ranks > 1` the shards are spread over that many builders forming one
+torch.distributed group on one node (a STRICT_PACK placement group the autoscaler can
+fulfil), kept in lockstep (`cache.write_shards(per_rank=...)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import tempfile
 import time
@@ -34,6 +39,7 @@ from typing import Any
 import datasets
 import ray
 import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from study.launch import Group
 from study.storage import Location, is_uri
@@ -54,6 +60,7 @@ class Need:
     pad_token_id: int
     zero: bool
     gpus: float = 0  # per builder, as the group's trials ask
+    configs: tuple[dict[str, Any], ...] = ()  # method configs whose live step the builder measures (train split)
 
 
 def cache_root(study_folder: str) -> Location:
@@ -84,8 +91,27 @@ def needs_of(group: Group) -> list[Need]:
     keys = cache.trial_keys(model, spec, cfg, splits, weights=weights)
     zero_on = cfg.zero == "on" or (cfg.zero == "auto" and device.type == "cuda" and torch.cuda.is_available()
                                    and zero.needed(spec, dtype, device))
-    return [Need(keys[n], dict(group.run), split, task.pad_token_id, zero_on, group.resources.get("gpu", 0))
-            for n, split in splits.items()]
+    configs = step_configs(group) if cfg.measure_memory else ()
+    return [Need(keys[n], dict(group.run), split, task.pad_token_id, zero_on, group.resources.get("gpu", 0),
+                 configs if n == "train" else ()) for n, split in splits.items()]
+
+
+def step_configs(group: Group) -> tuple[dict[str, Any], ...]:
+    """The method configs a group's trials may draw, for the builder to measure: every combination of its
+    categorical `m.` values. A float (READ's output scale) sizes nothing, so any value measures it
+    (`Trial._memo` leaves floats out); a space with another kind of `m.` knob is left to the estimate."""
+    base = dict(group.run.get("method_config") or {})
+    axes = []
+    for name, dist in group.space.items():
+        if not name.startswith("m."):
+            continue
+        if isinstance(dist, CategoricalDistribution):
+            axes.append([(name[2:], v) for v in dist.choices])
+        elif isinstance(dist, FloatDistribution):
+            axes.append([(name[2:], dist.low)])
+        else:
+            return ()
+    return tuple({**base, **dict(combo)} for combo in itertools.product(*axes))
 
 
 def merged(needs: Sequence[Need]) -> list[Need]:
@@ -106,6 +132,9 @@ def merged(needs: Sequence[Need]) -> list[Need]:
 
 # --------------------------------------------------------------------------- the builders
 
+RANKS_WAIT_S = 900.0  # for a placement group of ZeRO ranks: an autoscaler starts a multi-GPU node in minutes
+
+
 def _backbone(need: Need) -> tuple[torch.nn.Module, Any]:
     """The trial's frozen backbone, drawn the same way (seeded first, for random weights)."""
     cfg = loop.RunConfig.from_dict(need.run)
@@ -118,48 +147,25 @@ def _backbone(need: Need) -> tuple[torch.nn.Module, Any]:
     return loop.frozen_backbone(dataclasses.replace(cfg, zero=mode), spec, device, dtype, weights)
 
 
-def _write(need: Need, staging: str, shards: list[tuple[int, range]], per_rank: list[int] | None,
-           threads: int) -> list[dict[str, Any]]:
-    """Build the backbone and write some shards (runs in a Ray task or a rank actor)."""
-    torch.set_num_threads(threads)
-    backbone, partitioned = _backbone(need)
-    spec = get_spec(need.key.backbone)
-    if not partitioned and need.key.weights.startswith("random:"):
-        got = cache.weights_revision(spec, "random", need.key.seed, backbone)
-        if got != need.key.weights:
-            raise RuntimeError(f"builder drew other random weights than the trial ({got} != {need.key.weights})")
-    cfg = loop.RunConfig.from_dict(need.run)
-    try:
-        if not is_uri(staging):  # a folder every node sees (one machine, or a shared file system)
-            return cache.write_shards(backbone, spec, need.split, need.key, Path(staging), shards,
-                                      pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size,
-                                      per_rank=per_rank)
-        with tempfile.TemporaryDirectory(prefix="petl-shards-") as tmp:  # cloud: this node's disk, then one PUT each
-            records = cache.write_shards(backbone, spec, need.split, need.key, Path(tmp), shards,
-                                         pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size,
-                                         per_rank=per_rank)
-            for record in records:
-                (Location.of(staging) / record["file"]).upload(Path(tmp) / record["file"])
-            return records
-    finally:
-        if partitioned is not None:
-            partitioned.close()
-
-
-def task_writer(need: Need, cpus: int = 1) -> cache.ShardWriter:
-    """One Ray task per shard."""
-    remote = ray.remote(num_cpus=cpus, num_gpus=need.gpus)(_write)
-
-    def write(staging: Path, ranges: list[range]) -> list[dict[str, Any]]:
-        refs = [remote.remote(need, str(staging), [(s, r)], None, cpus) for s, r in enumerate(ranges)]
-        return [record for records in ray.get(refs) for record in records]
-
-    return write
+def holds(need: Need) -> tuple[Any, ...]:
+    """What identifies the backbone a need is built from: needs that agree share one loaded backbone."""
+    run = need.run
+    return (need.key.backbone, need.key.weights, need.key.compute_dtype, need.zero, run.get("device"),
+            run.get("zero_offload"), run.get("quant"), run.get("quant_double"))
 
 
 @ray.remote
-class Rank:
-    """One rank of a torch.distributed group (ZeRO-3 across several devices)."""
+class Builder:
+    """One device's cache builder: loads a backbone once and writes every shard it is given with it, then
+    measures the side methods' live step on it. (A Ray task asking for a GPU runs in a fresh process each
+    call: one task per shard reloaded the backbone for every shard.) Several builders of one ZeRO-3 backbone
+    form one torch.distributed group (`join`) and are kept in lockstep."""
+
+    def __init__(self) -> None:
+        self.held: tuple[Any, ...] | None = None
+        self.backbone: Any = None
+        self.partitioned: Any = None
+        self.loads = 0
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), zero.free_port()
@@ -168,49 +174,137 @@ class Rank:
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master[0],
                           MASTER_PORT=str(master[1]))
 
-    def write(self, need: Need, staging: str, shards: list[tuple[int, range]], per_rank: list[int],
+    def _load(self, need: Need) -> None:
+        if self.held == holds(need):
+            return
+        self.close()
+        self.backbone, self.partitioned = _backbone(need)
+        self.held, self.loads = holds(need), self.loads + 1
+        if self.partitioned is None and need.key.weights.startswith("random:"):
+            got = cache.weights_revision(get_spec(need.key.backbone), "random", need.key.seed, self.backbone)
+            if got != need.key.weights:
+                raise RuntimeError(f"builder drew other random weights than the trial ({got} != {need.key.weights})")
+
+    def write(self, need: Need, staging: str, shards: list[tuple[int, range]], per_rank: list[int] | None,
               threads: int) -> list[dict[str, Any]]:
-        return _write(need, staging, shards, per_rank, threads)
+        """Write some shards with the held backbone; the energy of this device, metered here, rides on the
+        records (split over them by examples) and is summed into the manifest."""
+        torch.set_num_threads(threads)
+        self._load(need)
+        meter = EnergyMeter(loop.resolve(loop.RunConfig.from_dict(need.run))[0]).start()
+        records = self._write(need, staging, shards, per_rank)
+        joules = meter.stop()
+        total = sum(r["examples"] for r in records) or 1
+        return [{**r, "energy_joules": None if joules is None else joules * r["examples"] / total,
+                 "energy_source": meter.source} for r in records]
+
+    def _write(self, need: Need, staging: str, shards: list[tuple[int, range]],
+               per_rank: list[int] | None) -> list[dict[str, Any]]:
+        spec = get_spec(need.key.backbone)
+        cfg = loop.RunConfig.from_dict(need.run)
+        args = dict(pad_token_id=need.pad_token_id, batch_size=cfg.eval_batch_size, per_rank=per_rank)
+        if not is_uri(staging):  # a folder every node sees (one machine, or a shared file system)
+            return cache.write_shards(self.backbone, spec, need.split, need.key, Path(staging), shards, **args)
+        with tempfile.TemporaryDirectory(prefix="petl-shards-") as tmp:  # cloud: this node's disk, then one PUT each
+            records = cache.write_shards(self.backbone, spec, need.split, need.key, Path(tmp), shards, **args)
+            for record in records:
+                (Location.of(staging) / record["file"]).upload(Path(tmp) / record["file"])
+            return records
+
+    def measure(self, need: Need, root: str, threads: int) -> list[str]:
+        """Each of `need.configs`' live step (memory by category, FLOPs) on this device, published as
+        `<root>/steps/<name>.json`, the name a cached trial of that config looks up (`Trial._memo`);
+        returns the names written. Last: applying a method may touch the backbone."""
+        from trainables import trial as trials
+
+        torch.set_num_threads(threads)
+        self._load(need)
+        cfg = loop.RunConfig.from_dict(need.run)
+        spec = get_spec(cfg.backbone)
+        device, dtype, weights = loop.resolve(cfg)
+        task, validation = loop.load_data(cfg, spec)
+        revision = need.key.weights.rsplit("@", 1)[-1] if weights == "pretrained" else None
+        names = []
+        for method_config in need.configs:
+            c = dataclasses.replace(cfg, method_config=method_config)
+            model = trials._apply(c, self.backbone, spec, task)
+            trials._master_fp32(model)
+            t = trials.Trial(c, spec, device, dtype, weights, task, validation, model, True, revision,
+                             facts={"device": trials.device_name(device)})
+            measured = t.measure(loop.epoch_seed(c.seed, 0), c.learning_rate, True, loop.untouched)
+            name = t._memo(tuple(next(t.train_batches(loop.epoch_seed(c.seed, 0)))["input_ids"].shape)).name
+            (Location.of(root) / "steps" / name).write_json(measured)
+            names.append(name)
+        return names
+
+    def count(self) -> int:
+        """Backbone loads so far."""
+        return self.loads
+
+    def close(self) -> None:
+        if self.partitioned is not None:
+            self.partitioned.close()
+        self.backbone = self.partitioned = self.held = None
 
 
-def start_ranks(ranks: int, cpus: int = 1, gpus: float = 0) -> list[Any]:
-    """`ranks` actors joined into one torch.distributed group (rank 0's node is the master)."""
-    actors = [Rank.options(num_cpus=cpus, num_gpus=gpus).remote() for _ in range(ranks)]
+class NoRoom(ValueError):
+    """The Ray cluster could not seat the requested ZeRO ranks in time."""
+
+
+def start_builders(n: int, cpus: int = 1, gpus: float = 0, *, ranks: bool = False,
+                   wait_s: float = RANKS_WAIT_S) -> tuple[list[Any], Any]:
+    """`n` builders, and the placement group holding them (None unless `ranks`).
+
+    ZeRO ranks (`ranks`) run NCCL with each other: one placement group seats them on one node (STRICT_PACK,
+    n × {GPU, CPU}), a request the autoscaler fulfils by starting such a node; waited on for `wait_s`,
+    then refused with NoRoom. They are then joined into one torch.distributed group (rank 0 the master)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not ranks:
+        return [Builder.options(num_cpus=cpus, num_gpus=gpus).remote() for _ in range(n)], None
+    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+    group = placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_PACK")
+    if not group.wait(wait_s):
+        remove_placement_group(group)
+        need = f"{n * cpus} CPUs" + (f" and {n * gpus:g} GPUs" if gpus else "")
+        raise NoRoom(f"{n} ZeRO ranks need one node with {need}; none came within {wait_s:g} s (no node type "
+                     "has that many, or the cluster is full): lower --zero-ranks")
+    actors = [Builder.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=i)).remote() for i in range(n)]
     try:
         master = ray.get(actors[0].address.remote())
-        ray.get([a.join.remote(r, ranks, master) for r, a in enumerate(actors)])
+        ray.get([a.join.remote(r, n, master) for r, a in enumerate(actors)])
     except BaseException:  # none left holding a device
-        for a in actors:
-            ray.kill(a)
+        stop_builders(actors, group)
         raise
-    return actors
+    return actors, group
 
 
-def rank_writer(need: Need, actors: Sequence[Any], cpus: int = 1) -> cache.ShardWriter:
-    """Shards spread round-robin over the rank actors, each holding its partition of the backbone."""
+def stop_builders(actors: Sequence[Any], group: Any = None) -> None:
+    from ray.util.placement_group import remove_placement_group
 
-    def write(staging: Path, ranges: list[range]) -> list[dict[str, Any]]:
+    for a in actors:
+        ray.kill(a)
+    if group is not None:
+        remove_placement_group(group)
+
+
+def builder_writer(need: Need, actors: Sequence[Any], cpus: int = 1) -> cache.ShardWriter:
+    """Shards spread round-robin over the builders; ZeRO ranks (a partitioned backbone over several) also
+    run the same number of forwards (`per_rank`), as each forward gathers every rank's partition."""
+
+    def write(staging: Path | str, ranges: list[range]) -> list[dict[str, Any]]:
         n = len(actors)
         mine = [[(s, r) for s, r in enumerate(ranges) if s % n == k] for k in range(n)]
         batch_size = loop.RunConfig.from_dict(need.run).eval_batch_size
-        per_rank = [cache.n_batches([r for _, r in m], batch_size) for m in mine]
-        out = ray.get([a.write.remote(need, str(staging), m, per_rank, cpus) for a, m in zip(actors, mine, strict=True)])
+        per_rank = [cache.n_batches([r for _, r in m], batch_size) for m in mine] if need.zero and n > 1 else None
+        busy = [(a, m) for a, m in zip(actors, mine, strict=True) if m or per_rank]
+        out = ray.get([a.write.remote(need, str(staging), m, per_rank, cpus) for a, m in busy])
         records = {rec["file"]: rec for recs in out for rec in recs}
         return [records[cache.shard_name(s)] for s in range(len(ranges))]
 
     return write
-
-
-class NoRoom(ValueError):
-    """The Ray cluster cannot seat the requested ZeRO ranks."""
-
-
-def check_room(ranks: int, cpus: int, gpus: float) -> None:
-    """Rank actors start together and wait for each other: refuse what the cluster can never seat."""
-    have = ray.cluster_resources()
-    if have.get("CPU", 0) < ranks * cpus or have.get("GPU", 0) < ranks * gpus:
-        raise NoRoom(f"{ranks} ZeRO ranks need {ranks * cpus} CPUs and {ranks * gpus:g} GPUs; the Ray cluster "
-                         f"has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs (lower --zero-ranks)")
 
 
 def published(folder: Location, key: cache.CacheKey) -> str | None:
@@ -245,10 +339,10 @@ def ensure_published(root: Location, key: cache.CacheKey, lengths: Any, d: int, 
     start = time.perf_counter()
     meter = EnergyMeter("cuda" if torch.cuda.is_available() else "cpu").start()  # as cache.ensure measures
     records = writer(build.uri, cache.shard_ranges(lengths, key, d, shard_bytes))
-    joules = meter.stop()
+    joules, source = cache.metered(records, meter)
     records = [{**r, "file": f"{build.name}/{r['file']}"} for r in records]
     (folder / cache.MANIFEST).write_json(cache.manifest_of(key, lengths, records, time.perf_counter() - start,
-                                                           joules, meter.source))
+                                                           joules, source))
     return folder, f"built ({why})"
 
 
@@ -279,43 +373,63 @@ def check_shared(root: Path) -> None:
                         "on a cluster use a shared file system or s3://BUCKET/PREFIX for --storage")
 
 
-def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, shard_bytes: int = cache.SHARD_BYTES,
-              progress: Callable[[str], None] = lambda s: None) -> dict[str, str]:
+def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, builders: int = 1,
+              shard_bytes: int = cache.SHARD_BYTES, progress: Callable[[str], None] = lambda s: None,
+              wait_s: float = RANKS_WAIT_S) -> dict[str, str]:
     """Ensure every needed cache under `root`; returns {fingerprint: what happened}.
 
-    Two phases, one after the other: first the caches built as one Ray task per shard, then
-    (with `ranks > 1`) the ZeRO ones on one group of rank actors shared by all of them. Running
-    both at once deadlocks a small cluster: the actors hold every CPU while shard tasks wait.
+    The caches of one backbone are built by the same builders, started when the first of them is missing:
+    `builders` actors, one per device (or, with `ranks > 1`, a ZeRO backbone's ranks), each loading the
+    backbone once for all its shards; they then publish the live step of every config whose trials read
+    those caches (`Builder.measure`). One backbone at a time: builders of several at once could hold every
+    device while the others wait.
     """
-    todo = merged(needs)
-    spread = [n for n in todo if n.zero and ranks > 1]
-    tasks = [n for n in todo if not (n.zero and ranks > 1)]
     done: dict[str, str] = {}
+    by_backbone: dict[tuple[Any, ...], list[Need]] = {}
+    for need in needs:
+        by_backbone.setdefault(holds(need), []).append(need)
+    for same in by_backbone.values():
+        spread = same[0].zero and ranks > 1
+        started: list[tuple[list[Any], Any]] = []
+        shards = 0
 
-    def ensure(need: Need, writer: cache.ShardWriter) -> None:
-        args = (need.key, cache.lengths_of(need.split), get_spec(need.key.backbone).d_model, writer, shard_bytes)
-        folder, status = (ensure_published(root, *args) if isinstance(root, Location) and not root.local
-                          else cache.ensure(Location.of(root).local_path, *args))
-        done[need.key.fingerprint()] = status
-        key = need.key
-        taps = f"φ_0..φ_{key.taps[-1]}" if key.taps else "no encoder taps"
-        if key.decoder_taps:
-            taps += f", decoder φ_0..φ_{key.decoder_taps[-1]} over {len(key.targets)} targets"
-        progress(f"activation cache {key.backbone} / {key.task} {key.split} ({key.positions}, {taps}): "
-                 f"{status} -> {folder}")
+        def actors(spread: bool = spread, same: list[Need] = same, started: list = started) -> list[Any]:
+            if not started:
+                started.append(start_builders(ranks if spread else builders, gpus=max(n.gpus for n in same),
+                                              ranks=spread, wait_s=wait_s))
+            return started[0][0]
 
-    for need in tasks:
-        ensure(need, task_writer(need))
-    if spread:
-        gpus = max(n.gpus for n in spread)
-        check_room(ranks, 1, gpus)
-        actors = start_ranks(ranks, gpus=gpus)
+        def writer(need: Need) -> cache.ShardWriter:
+            def write(staging: Path | str, ranges: list[range]) -> list[dict[str, Any]]:
+                nonlocal shards
+                shards += len(ranges)
+                return builder_writer(need, actors())(staging, ranges)
+
+            return write
+
         try:
-            for need in spread:
-                ensure(need, rank_writer(need, actors))
+            for need in merged(same):
+                args = (need.key, cache.lengths_of(need.split), get_spec(need.key.backbone).d_model, writer(need),
+                        shard_bytes)
+                folder, status = (ensure_published(root, *args) if isinstance(root, Location) and not root.local
+                                  else cache.ensure(Location.of(root).local_path, *args))
+                done[need.key.fingerprint()] = status
+                key = need.key
+                taps = f"φ_0..φ_{key.taps[-1]}" if key.taps else "no encoder taps"
+                if key.decoder_taps:
+                    taps += f", decoder φ_0..φ_{key.decoder_taps[-1]} over {len(key.targets)} targets"
+                progress(f"activation cache {key.backbone} / {key.task} {key.split} ({key.positions}, {taps}): "
+                         f"{status} -> {folder}")
+            if started:
+                where = root.uri if isinstance(root, Location) else str(root)
+                measured = [] if same[0].zero else [name for n in same if n.configs
+                                             for name in ray.get(actors()[0].measure.remote(n, where, 1))]
+                loads = sum(ray.get([a.count.remote() for a in actors()]))
+                progress(f"cache builders for {same[0].key.backbone}: {len(actors())} builder(s), {loads} backbone "
+                         f"load(s) for {shards} shard(s); {len(measured)} live step(s) measured and published")
         finally:
-            for a in actors:
-                ray.kill(a)
+            if started:
+                stop_builders(*started[0])
     return done
 
 

@@ -37,8 +37,10 @@ find_python() {
 if ! py=$(find_python); then
   if ((install_python)) && [[ -z "$python" ]] && command -v apt-get >/dev/null 2>&1; then
     echo "installing python3.11 (this machine has no Python >= 3.11)"
-    sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv python3.11-dev >/dev/null
+    # on a node's first boot unattended-upgrades holds the dpkg lock for minutes: wait for it, not fail
+    sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+      python3.11 python3.11-venv python3.11-dev >/dev/null
   fi
   if ! py=$(find_python); then
     echo "error: petl-study needs Python >= 3.11; found ${python:-$(python3 --version 2>&1 || echo no python3)}" \
@@ -63,6 +65,20 @@ else
   "${pip[@]}" -e ".[$extras]"
   echo "$want" > "$stamp"
   echo "installed petl-study[$extras] into $venv ($("$venv/bin/python" --version))"
+fi
+
+# dev: the report test opens report.html in a real headless browser, Debian's chromium (the test fails,
+# saying so, without one; CHROMIUM=/path/to/chrome names another). Nothing is tried where there is no apt-get.
+if [[ ",$extras," == *",dev,"* ]] && ! command -v "${CHROMIUM:-chromium}" >/dev/null 2>&1 \
+   && command -v apt-get >/dev/null 2>&1; then
+  as_root=(env DEBIAN_FRONTEND=noninteractive)
+  ((EUID == 0)) || as_root=(sudo "${as_root[@]}")
+  echo "installing chromium (headless browser for the report test)"
+  if ! { "${as_root[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq \
+         && "${as_root[@]}" apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium \
+            >/dev/null; }; then
+    echo "warning: could not install chromium; tests/integration/test_analysis.py's browser check will fail" >&2
+  fi
 fi
 
 if ((assets)); then

@@ -49,6 +49,8 @@ def _rules(*ports: int):
     (_rules(8265), "opens port(s) 8265-8265"),
     (lambda c: c["available_node_types"]["gpu_1x_a10g"]["node_config"].pop("IamInstanceProfile"),
      "'gpu_1x_a10g' has no IamInstanceProfile"),
+    (lambda c: c["available_node_types"]["head"]["node_config"].pop("IamInstanceProfile"),
+     "cannot iam:PassRole the workers' petl-study-s3"),
     (lambda c: [t.get("resources", {}).pop("cpu_only", None) for t in c["available_node_types"].values()],
      "would start GPU machines"),
     (lambda c: c["setup_commands"].append("echo export HF_TOKEN=hf_abcdefghijklmnopqrstuvwx >> ~/.bashrc"),

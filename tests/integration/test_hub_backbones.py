@@ -86,7 +86,7 @@ def test_plans_follow_the_gpu_budget(tmp_path):
     assert small["read", "llama-13b"]["where"] == "gpu + ZeRO-3" and small["read", "llama-13b"]["zero"]
     assert small["read", "llama-13b"]["peak_bytes"] < 24 * 2**30
     lora13 = small["lora", "llama-13b"]
-    assert not lora13["runnable"] and "> 21.6 GiB per GPU" in lora13["reason"] and "graft" in lora13["reason"]
+    assert not lora13["runnable"] and "> 21.1 GiB per GPU" in lora13["reason"] and "graft" in lora13["reason"]
 
     if not torch.cuda.is_available():  # no GPU: llama-7b and -13b are estimated only, each with its reason
         assert set(cpu) == set(big) and not any(p["runnable"] for p in cpu.values())

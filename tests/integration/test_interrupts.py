@@ -1,6 +1,7 @@
-"""Interrupted studies on real Ray Tune: SIGINT (Ctrl-C to the process group) and SIGTERM (to the
-driver) write every finished trial and epoch and exit 130/143; `--resume` continues, also from a
-state that names a checkpoint Tune already deleted (the SIGKILL race, planted deterministically)."""
+"""Interrupted studies on real Ray Tune: SIGINT (Ctrl-C to the process group) and SIGHUP (to the driver, as
+an SSH drop under `ray exec` sends it) write every finished trial and epoch and exit 130/129; `--resume`
+continues, also from a state that names a checkpoint Tune already deleted (the SIGKILL race, planted
+deterministically). SIGTERM has the very handler SIGHUP has (tests/unit/test_stop_signals.py)."""
 
 from __future__ import annotations
 
@@ -100,10 +101,10 @@ def digests(folder: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_sigterm_to_the_driver_writes_what_finished_exit_143_and_resume_refuses_other_flags(tmp_path, capsys):
-    out = run_until(tmp_path, lambda n: any(k > 0 for k in n.values()), signal.SIGTERM, to_group=False)
-    assert out.returncode == 143, out.stdout[-4000:]
-    assert "interrupted by SIGTERM" in out.stdout
+def test_sighup_to_the_driver_writes_what_finished_exit_129_and_resume_refuses_other_flags(tmp_path, capsys):
+    out = run_until(tmp_path, lambda n: any(k > 0 for k in n.values()), signal.SIGHUP, to_group=False)
+    assert out.returncode == 129, out.stdout[-4000:]
+    assert "interrupted by SIGHUP" in out.stdout
     trials, epochs = tables(tmp_path)
     assert len(trials) >= 1 and set(trials.status) <= {"ok", "interrupted"}
     agree(trials, epochs)
