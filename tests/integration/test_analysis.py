@@ -9,17 +9,20 @@ claim, the figures, and executed copies that ran on this interpreter.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import browser
 import nbformat
 import pytest
 from clis import ROOT, run_cli
 from jupyter_client.kernelspec import KernelSpecManager
+from PIL import Image
 
-from analysis import claims, report
+from analysis import claims, html, report
 
 pytestmark = pytest.mark.integration
 FIGURES = {"01_parameter_scaling": ["parameter_scaling.png"], "02_convergence": ["convergence.png"],
@@ -83,6 +86,57 @@ def test_verdicts_json_has_a_well_formed_entry_per_claim(reported):
                for e in conv), conv
 
 
+def visible(shot: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    x, y, w, h = box
+    return shot.crop((int(x), int(y), int(x + w), int(y + h))).convert("RGB")
+
+
+@pytest.mark.parametrize("study", ["scaling", "convergence"])
+def test_report_html_in_headless_chromium(reported, study, tmp_path):
+    """report.html as a person sees it: loads with no console error, every verdict a table row, every figure
+    decoded and drawn; the screenshot covers the whole page and shows the verdict badges and the figures."""
+    folder = reported[study]
+    verdicts = claims.read_verdicts(folder)
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    page = browser.render(folder / "report.html", evaluate={
+        "rows": "document.querySelectorAll('table.verdicts tbody tr').length",
+        "summary_rows": "document.querySelectorAll('table.summary tbody tr').length",
+        "images": "[...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.getBoundingClientRect().x,"
+                  " i.getBoundingClientRect().y + scrollY, i.getBoundingClientRect().width,"
+                  " i.getBoundingClientRect().height])",
+        "table": "(r => [r.x, r.y + scrollY, r.width, r.height])"
+                 "(document.querySelector('table.verdicts').getBoundingClientRect())",
+        "external": "[...document.querySelectorAll('[src],[href]')].map(e => e.src || e.href)"
+                    ".filter(u => !u.startsWith('data:'))"})
+    assert page.errors == [], page.errors
+    assert page.found["rows"] == len(verdicts) > 0 and page.found["summary_rows"] > 0
+    assert page.found["external"] == []
+    images = page.found["images"]
+    assert [i[0] for i in images] == pngs and all(i[1] and i[2] > 100 for i in images), images
+    shot = Image.open(io.BytesIO(page.screenshot))
+    shot.save(tmp_path / "report.png")  # for a person to look at
+    assert shot.size == page.size and shot.height > images[-1][4]  # the whole page, the last figure included
+    table = visible(shot, page.found["table"])
+    colours = set(table.getdata())
+    shown = {v["verdict"] for v in verdicts}
+    for verdict in shown:  # each kind of verdict present shows its badge's colour in the table
+        hex_colour = html.VERDICT_COLOURS[verdict]
+        assert tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)) in colours, verdict
+    for name, *_, x, y, w, h in images:  # each figure drawn: its area is not blank
+        region = visible(shot, (x, y, w, h))
+        assert len(set(region.getdata())) > 50, name
+
+
+def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
+    """The checks above are not vacuous: a console error is reported, an undecodable image has no width."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><body><script>console.error("planted failure")</script>'
+                   '<img src="data:image/png;base64,AAAA"></body></html>')
+    page = browser.render(bad, evaluate={"widths": "[...document.images].map(i => i.naturalWidth)"})
+    assert any("planted failure" in e for e in page.errors), page.errors
+    assert page.found["widths"] == [0]
+
+
 def test_stored_notebooks_have_no_outputs_and_a_parameters_cell():
     for path in sorted((ROOT / "analysis").glob("*.ipynb")):
         book = nbformat.read(path, as_version=4)
@@ -121,7 +175,7 @@ def test_report_reads_a_study_from_s3_and_writes_back_there(studies, monkeypatch
         out = run_cli("analysis.report", "--scaling", remote.uri, timeout=300, env=cli_env(**env))
         assert out.returncode == 0, out.stderr[-4000:]
         assert "read-params-flat" in out.stdout
-        stored = {"verdicts.json", "notebooks/01_parameter_scaling.ipynb", *FIGURES["01_parameter_scaling"],
+        stored = {"verdicts.json", "report.html", "notebooks/01_parameter_scaling.ipynb", *FIGURES["01_parameter_scaling"],
                   *FIGURES["04_quality_per_cost"]}
         assert all((remote / name).is_file() for name in stored), remote.list()
         assert {e["claim"] for e in (remote / "verdicts.json").read_json()} >= {claims.PARAMS_CLAIM}

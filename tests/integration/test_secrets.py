@@ -2,13 +2,16 @@
 session folder the study starts (which is private to the user), not to the printed output.
 
 The study is the session fixture `tiny_study` (shared_studies.py: read and lora on two tiny backbones, caches
-built as Ray tasks, search then confirm), run once with the planted credentials, shared with test_study.py."""
+built as Ray tasks, search then confirm, tracked with `--log mlflow`), run once with the planted credentials,
+shared with test_study.py. `--log wandb` offline with a planted WANDB_API_KEY is checked the same way on the hub
+study of test_user_data_and_methods.py (a W&B logging actor per trial costs seconds each on 2 cores)."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
+import clis
 import pytest
 from shared_studies import PLANTED
 
@@ -16,15 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def leaks(folder: Path) -> list[str]:
-    found = []
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            try:
-                data = path.read_bytes()
-            except OSError:  # sockets and the like
-                continue
-            found += [f"{name} in {path}" for name, value in PLANTED.items() if value.encode() in data]
-    return found
+    return clis.leaks(folder, PLANTED)
 
 
 def test_planted_credentials_land_in_no_file_and_no_output(tiny_study):
@@ -34,6 +29,8 @@ def test_planted_credentials_land_in_no_file_and_no_output(tiny_study):
     assert len(sessions) == 1, sessions
     assert stat.S_IMODE(sessions[0].parents[1].stat().st_mode) == 0o700  # Ray makes its own folders 0777
     assert any(sessions[0].rglob("runtime_env_agent.log"))  # the log that held AWS_* before
+    # --log mlflow: its file store is in the storage scanned here
+    assert any((storage / "scaling" / "mlruns").rglob("meta.yaml")), "no MLflow file store"
     assert not leaks(storage) and not leaks(ray_tmp), leaks(storage) + leaks(ray_tmp)
     printed = proc.stdout + proc.stderr
     assert not [name for name, value in PLANTED.items() if value in printed]

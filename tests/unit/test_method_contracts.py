@@ -14,7 +14,8 @@ from tiny_families import FOLDERS  # tests/tiny_families.py: mistral, qwen2, rob
 
 from trainables import backbones
 from trainables.methods import REGISTRY, apply_method, collect_taps, get_method
-from trainables.methods.base import SideModel, Taps, collect_taps_t2t, pool, pooled_positions
+from trainables.methods.base import SideModel, Taps, pool, pooled_positions
+from trainables.methods.contracts import live_and_cached
 from trainables.text2text import decode, lm_logits
 
 TINY = ["llama-tiny", "bert-tiny", *FOLDERS, "t5-tiny"]  # every supported model_type
@@ -127,17 +128,8 @@ SIDE = [c for c in CASES if get_method(c[0]).cacheable]
 @pytest.mark.parametrize("method,backbone", SIDE)
 def test_tap_path_equals_live_path(method, backbone):
     model, bb = make(method, backbone)
-    model.eval()
     assert isinstance(model, SideModel)
-    ids, mask, labels = batch()
-    with torch.no_grad():
-        live = model(ids, mask, labels)
-        if model.text2text:
-            taps = collect_taps_t2t(bb, model.spec, ids, mask, model.tap_layers(), model.decoder_tap_layers(),
-                                    model.words)
-        else:
-            taps = collect_taps(bb, model.spec, ids, mask, model.tap_layers())
-        cached = model.forward_taps(taps, labels)
+    live, cached = live_and_cached(model, bb, *batch())
     torch.testing.assert_close(cached.logits, live.logits)
     torch.testing.assert_close(cached.loss, live.loss)
 
