@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from study import collect, evp, launch, prepare, quality, schema
+from study import collect, evp, launch, prepare, progress, quality, schema
 from study.launch import Group
 from study.storage import Location
 
@@ -63,7 +63,8 @@ def folder_of(study_folder: str) -> str:
 
 def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], epochs: list[dict], *,
         seeds: Sequence[int] = SEEDS, resume: bool, seed: int, zero_ranks: int = 1,
-        log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+        log: Callable[[str], None] = print, callbacks: Sequence[Any] = (),
+        verbose: bool = False) -> tuple[list[dict], list[dict]]:
     """Confirm the searched groups' winners; returns all rows (search + confirm) and writes the tables."""
     out = Location.of(folder)  # the study's storage, local or cloud, as runner.execute
     grid = launch.results(folder)
@@ -74,11 +75,15 @@ def run(name: str, folder: str, searched: Sequence[Group], trials: list[dict], e
     if missing:
         log(f"confirm: no finished trial to confirm for {', '.join(missing)}")
     if groups:
-        log(f"confirm: {len(best)} best configurations × {len(seeds)} seeds ({len(groups)} trials, no early stopping)")
-        groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
+        with progress.phase("caches", "activation caches for the confirm runs"):
+            groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
         where, stopped = folder_of(folder), None
         try:
-            launch.run(groups, where, seed=seed, resume=resume, early_stopping=False)
+            with progress.phase("confirm", f"{len(best)} best configurations × {len(seeds)} seeds ({len(groups)} "
+                                           "trials, no early stopping)"), \
+                    progress.watch("confirm", groups, folder, f"{where}/{launch.EXPERIMENT}", verbose=verbose) as console:
+                launch.run(groups, where, seed=seed, resume=resume, early_stopping=False,
+                           callbacks=[*console, *callbacks], verbose=verbose)
             grid = launch.results(where)  # as saved: also right about trials a signal stopped mid-way
         except (KeyboardInterrupt, Exception) as exc:  # what finished is written first, as runner.execute does
             stopped, grid = exc, launch.results(where)

@@ -20,15 +20,14 @@ the steps to reach it (right-censored at the budget) across methods.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import pyarrow as pa
 
-from study import collect, plan, runner
+from study import collect, plan, progress, runner, trackers
 from study.collect import summary_table
 from study.launch import Group
-from study.spaces import split_hp
+from study.spaces import run_fields, split_hp
 from study.storage import Location, StorageError
 from trainables.backbones import get_spec, load_tokenizer
 
@@ -131,7 +130,7 @@ def build_groups(args: argparse.Namespace, methods: list[str], settings: dict[tu
                 run_hp, method_hp = split_hp({k: v for k, v in settings[(m, n)].items() if k != "tuned_from"})
                 groups.append(Group(
                     name=f"{m}|{args.backbone}|n{n}|s{seed}", space={}, n_trials=1, resources=resources,
-                    run={"backbone": args.backbone, "method": m, "task": args.task, "text_col": args.text_col,
+                    run={"backbone": args.backbone, **run_fields(m), "task": args.task, "text_col": args.text_col,
                          "label_col": args.label_col, "train_size": n, "seed": seed, "epochs": args.epochs,
                          "max_length": max_length, "batch_size": args.batch_size,
                          "max_eval_examples": args.max_eval_examples, "lr_schedule": "constant", "eval_test": True,
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.quick:
         args.sizes, args.seeds, args.epochs, args.max_eval_examples = [64, 256], [0], 3, 200
-    methods = args.methods or ["read", "lora", "adapter", "full"]
+    methods = runner.method_labels(args, ["read", "lora", "adapter", "full"])  # labels: lora@nf4+gc
     runner.check_input(methods, [args.backbone], args)
     if min(args.sizes) < 2 or args.epochs < 1 or args.max_eval_examples < 1:
         raise runner.UsageError("--sizes must be >= 2, --epochs and --max-eval-examples >= 1")
@@ -163,7 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         settings = tuned_settings(source, methods, args.backbone, args.task, args.sizes)
 
-    t0 = time.time()
     budget = plan.Budget.detect(gpu_memory_gib=args.gpu_memory_gib)
     resources = {"cpu": budget.cpus_per_trial, **({"gpu": budget.gpus_per_trial} if budget.gpus_per_trial else {})}
     groups = build_groups(args, methods, settings, resources, max_length)
@@ -175,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
               "max_eval_examples": args.max_eval_examples, "seed": args.seed, "lr_schedule": "constant",
               "settings": {f"{m}|n{n}": hp for (m, n), hp in sorted(settings.items())}}
     runner.check_resume(name, folder, config, args.resume)
+    progress.start(folder)
     # where each method's settings come from: said once the input is known to be good (bad input is one line)
     untuned = sorted({m for (m, _), hp in settings.items() if hp["tuned_from"] == REFERENCE})
     if untuned:
@@ -189,12 +188,14 @@ def main(argv: list[str] | None = None) -> None:
                  "seeds": args.seeds, "epochs": args.epochs}
     trials, epochs = runner.execute(name, folder, groups, [], plan_info=plan_info, resume=args.resume,
                                     address=args.address, seed=args.seed, early_stopping=False,
-                                    zero_ranks=args.zero_ranks,
+                                    zero_ranks=args.zero_ranks, verbose=args.verbose,
+                                    callbacks=trackers.callbacks(args.log, name, folder),
                                     role="confirm")  # fixed (confirmed) settings per seed, scored on test: no search
     trials = with_settings(collect.with_cache_shares(trials), settings)  # cached trials carry their cache share
     collect.write(folder, trials, epochs)
     print(summary_table(trials))
-    print(f"\nwall time {time.time() - t0:.0f}s")
+    print()
+    print(progress.where(folder, f"python -m analysis.report --convergence {folder}"))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from study import progress
 from study.collect import early_stopped
 from study.spaces import split_hp
 from study.storage import Location, tune_storage
 from trainables.loop import RunConfig
-from trainables.methods import get_method
+from trainables.methods import external, get_method
 from trainables.ray_trainable import OBJECTIVE, TrialTrainable
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the study folder
@@ -204,19 +205,22 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     A local Ray writes its session (logs, sockets) under a new folder private to the user
     (mode 0700, under $RAY_TMPDIR or /tmp): Ray's own logs are outside what this project
-    controls, and Ray makes its session folders world-writable.
+    controls, and Ray makes its session folders world-writable. Methods from the user's own code travel
+    to every worker in the runtime_env (their module names; their code unless installed): `external`.
     """
     if ray.is_initialized():
         return
+    runtime_env = external.worker_runtime_env()
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, in-process, loopback only
     # address="local": always a new in-process Ray. Without it ray.init joins any cluster already running
     # on this machine (`ray start`, a test's ray.cluster_utils.Cluster) and runs our tasks on its nodes.
     private = tempfile.mkdtemp(prefix="petl-ray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")  # short: socket paths
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _temp_dir=os.path.join(private, "ray"))  # Ray makes that one world-writable
+             configure_logging=False, _temp_dir=os.path.join(private, "ray"),  # Ray makes that one world-writable
+             runtime_env=runtime_env)
 
 
 CPU_ONLY = "cpu_only"  # a custom resource on the cluster's CPU-only node types (cluster.yaml)
@@ -254,8 +258,13 @@ def trainable_class() -> type:
 
 
 def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool = False,
-        early_stopping: bool = True, max_failures: int = 1, verbose: int = 1) -> tune.ResultGrid:
-    """Run (or resume) every group's trials; returns Tune's ResultGrid (also on resume)."""
+        early_stopping: bool = True, max_failures: int = 1, callbacks: Sequence[tune.Callback] = (),
+        verbose: bool = False) -> tune.ResultGrid:
+    """Run (or resume) every group's trials; returns Tune's ResultGrid (also on resume).
+
+    `callbacks` see every trial event (the console's progress, trackers); `verbose` brings Ray Tune's own
+    status tables and result boxes back on the console (off by default: study.progress shows progress).
+    """
     # Every epoch checkpoints, and num_to_keep=1 makes Tune snapshot its state on each one. A driver
     # killed between Tune deleting the previous checkpoint and that snapshot leaves a state naming a
     # deleted checkpoint: TrialTrainable then restores the one that replaced it. Cached side-method
@@ -267,7 +276,11 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
-        return tuner.fit()
+        # the stored run config carries the first run's callbacks and verbosity (pickled): this run's replace them
+        stored = tuner._local_tuner.get_run_config()
+        stored.callbacks, stored.verbose = list(callbacks), 2 if verbose else 0
+        with progress.ray_console(verbose):
+            return tuner.fit()
     searcher = GroupedSearch(longest_first(groups), metric=OBJECTIVE, mode="max", seed=seed)
     scheduler = (GroupedASHA(OBJECTIVE, "max", max_t={g.name: int(g.run.get("epochs", 1)) for g in groups})
                  if early_stopping else FIFOScheduler())
@@ -277,12 +290,14 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
                                     num_samples=sum(g.n_trials for g in groups), reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs, verbose=verbose,
+            name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
+            verbose=2 if verbose else 0, callbacks=list(callbacks),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-    return tuner.fit()
+    with progress.ray_console(verbose):
+        return tuner.fit()
 
 
 def results(study_dir: str) -> tune.ResultGrid | None:

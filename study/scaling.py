@@ -6,8 +6,10 @@ runs what fits this machine and records the rest as `estimated` rows. With no fl
 embedded default: pretrained MiniLM-L6 for quality (fewer backbones rather than thin
 budgets), a random Llama for cost (memory, throughput; one short epoch — its accuracy means
 nothing), vader-movies, and the methods the study's claims are about: the linear probe (the
-floor), READ, LST, SHERL, LoRA and full fine-tuning (the other baselines with --methods; all
-ten do not fit 25 minutes on 2 cores at this budget). Every method gets the same budget:
+floor), READ, LST, SHERL, LoRA, QLoRA (lora@nf4) and full fine-tuning, and the memory baselines
+LoRA, QLoRA and full fine-tuning with gradient checkpointing (+gc: one short cost run each, as
+checkpointing recomputes the same function; the other methods with --methods, each entry
+NAME[@QUANT][+gc]; --quant and --gradient-checkpointing apply study-wide). Every method gets the same budget:
 8 trials of 160 optimisation steps (Optuna TPE after a short random start, ASHA within each
 method, selected on 500 validation examples: one example = 0.2 points), then each method's
 winner (best final-epoch validation score among full-budget trials) re-run with 3 fresh seeds
@@ -25,10 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 
-from study import confirm, launch, plan, runner, spaces
+from study import confirm, launch, plan, progress, runner, spaces, trackers
 from study.collect import summary_table
 from study.launch import Group
 from trainables import backbones
@@ -54,9 +55,19 @@ DEFAULT = Settings()
 QUICK = Settings(trials_per_method=1, epochs=1, train_size=128, max_eval_examples=200, confirm_seeds=2,
                  cost_batches=3)
 DEFAULT_RUN_BACKBONES = ("minilm-l6", "llama-11m")
-DEFAULT_METHODS = ("probe", "read", "lst", "sherl", "lora", "full")
+# the side methods against the field's memory baselines: LoRA with and without gradient checkpointing, QLoRA
+# (LoRA on an NF4 backbone) with and without, full fine-tuning with and without. A +gc entry whose plain twin is
+# in the study gets one short cost run (memory, time per step), not a search: checkpointing recomputes the same
+# function, so its quality is its twin's (issue 21; ~+5 min, the QLoRA search, over the 22 min of 6 methods)
+DEFAULT_METHODS = ("probe", "read", "lst", "sherl", "lora", "lora+gc", "lora@nf4", "lora@nf4+gc", "full", "full+gc")
 QUICK_RUN_BACKBONES = ("minilm-l6",)
 QUICK_METHODS = ("probe", "read", "lora", "full")
+
+
+def twin(label: str) -> str:
+    """A +gc label's plain twin (lora@nf4+gc -> lora@nf4): the same function, computed without checkpointing."""
+    name, quant, _ = spaces.parse_method_spec(label)
+    return spaces.method_label(name, quant, False)
 
 
 def ladder(max_model: str, gpu: bool = False) -> list[str]:
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     given = {k: getattr(args, k) for k in ("trials_per_method", "epochs", "train_size", "max_length", "confirm_seeds")
              if getattr(args, k) is not None}  # 0 is refused below, not replaced by the default
     s = dataclasses.replace(base, **given)
-    methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    methods = runner.method_labels(args, QUICK_METHODS if args.quick else DEFAULT_METHODS)  # labels: lora@nf4+gc
     runner.check_input(methods, (args.backbones or []) + [args.max_model], args)
     if min(s.trials_per_method, s.epochs, s.train_size) < 1:
         raise runner.UsageError("--trials-per-method, --epochs and --train-size must be >= 1")
@@ -160,58 +171,67 @@ def main(argv: list[str] | None = None) -> None:
               "batch_size": args.batch_size, "seed": args.seed, "cost_runs": args.cost_runs}
     folder = None
     if not args.dry_run:  # a dry run loads no data and writes nothing
-        runner.check_runs([{"backbone": b, "method": m, "task": args.task, "text_col": args.text_col,
+        runner.check_runs([{"backbone": b, **spaces.run_fields(m), "task": args.task, "text_col": args.text_col,
                             "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
                             "batch_size": args.batch_size, "seed": args.seed} for b in run_backbones for m in methods])
         folder = runner.study_dir(args.storage, name, args.resume)
         runner.check_resume(name, folder, config, args.resume)
 
-    t0 = time.time()
     all_backbones = list(dict.fromkeys(run_backbones + planned))
     estimated = to_estimate(args, gpu, run_backbones, all_backbones)
-    runner.log(f"planning {len(methods)} methods × {len(all_backbones)} backbones: meta-device counts"
-               + (f" and fake-tensor memory estimates for {len(estimated)} backbones (Ray tasks)" if estimated else ""))
-    launch.init_ray(args.address)
-    pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
-                            budget=budget, estimate=estimated, cache_file=runner.plan_cache(args.storage),
-                            progress=runner.log)
+    if folder is not None:
+        progress.start(folder)
+    with progress.phase("plan", f"{len(methods)} methods × {len(all_backbones)} backbones: meta-device counts"
+                        + (f" and fake-tensor memory estimates for {len(estimated)} backbones (Ray tasks)"
+                           if estimated else "")):
+        launch.init_ray(args.address)
+        pairs = plan.plan_pairs(methods, all_backbones, batch_size=args.batch_size, seq_len=s.max_length,
+                                budget=budget, estimate=estimated, cache_file=runner.plan_cache(args.storage),
+                                progress=runner.log, compare_unquantized=args.dry_run)
+        to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
+        if not args.dry_run:
+            runner.log(f"plan: {len(to_run)} of {len(pairs)} pairs run here, every pair is recorded with its estimate")
     if args.dry_run:
         print_plan(pairs, budget, args.json, run_backbones)
         return
-    to_run = [p for p in pairs if p.runnable and p.backbone in run_backbones]
-    runner.log(f"plan: {len(to_run)} of {len(pairs)} pairs run here, every pair is recorded with its estimate "
-               f"({time.time() - t0:.1f}s)")
 
-    groups = []
+    groups, cost_groups = [], set()
     for p in to_run:
-        cost_only = p.weights == "random" and args.cost_runs == "random"
-        run = {"backbone": p.backbone, "method": p.method, "task": args.task, "text_col": args.text_col,
+        name_, quant, gc = spaces.parse_method_spec(p.method)
+        cost_only = (p.weights == "random" and args.cost_runs == "random") or (gc and twin(p.method) in methods)
+        run = {"backbone": p.backbone, **spaces.run_fields(p.method), "task": args.task, "text_col": args.text_col,
                "label_col": args.label_col, "train_size": s.train_size, "max_length": s.max_length,
                "batch_size": args.batch_size, "seed": args.seed, "max_eval_examples": s.max_eval_examples,
                "epochs": s.cost_epochs if cost_only else s.epochs,
                "max_train_batches": s.cost_batches if cost_only else None, "weights": p.weights,
                "dtype": p.dtype, **({"zero": "on"} if p.zero else {})}
         # the paper's Fisher-pruned init (batch 1; 256 examples, not 1,024: time); a ZeRO-3 backbone gathers no
-        # gradients, so there LST keeps its L1 init
-        if p.method == "lst" and not cost_only and not p.zero:
+        # gradients (nor does a quantised one), so there LST keeps its L1 init
+        if name_ == "lst" and not cost_only and not p.zero and quant == "none":
             run["method_config"] = {"importance": "fisher", "fisher_examples": min(256, s.train_size)}
-        groups.append(Group(name=f"{p.method}|{p.backbone}", run=run,
-                            space=spaces.space(p.method, backbones.get_spec(p.backbone).family),
+        # a +gc twin's cost run: the method's reference settings (lr, default capacity), nothing searched
+        space = {} if cost_only and p.weights != "random" else spaces.space(name_, backbones.get_spec(p.backbone).family)
+        groups.append(Group(name=f"{p.method}|{p.backbone}", run=run, space=space,
                             n_trials=1 if cost_only else s.trials_per_method, resources=p.resources))
+        if cost_only:
+            cost_groups.add(groups[-1].name)
     plan_info = {"study": name, "config": config, "settings": s.__dict__, "methods": methods, "run_backbones": run_backbones,
                  "pairs": [{**p.as_dict(), **(p.memory or {})} for p in pairs]}
+    tracking = trackers.callbacks(args.log, name, folder)  # --log: the same trackers see search and confirm
     trials, epochs = runner.execute(name, folder, groups, [p.estimated_row() for p in pairs], plan_info=plan_info,
-                                    resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks)
-    searched = [g for g in groups if g.run["weights"] != "random" or args.cost_runs == "none"]
+                                    resume=args.resume, address=args.address, seed=args.seed, zero_ranks=args.zero_ranks,
+                                    verbose=args.verbose, callbacks=tracking)
+    searched = [g for g in groups if g.name not in cost_groups]
     seeds = [args.seed + 1 + i for i in range(s.confirm_seeds)]
     with runner.stop_signals() as received:  # as in the search: a signal stops gracefully, what finished is written
         trials, _ = confirm.run(name, folder, searched, trials, epochs, seeds=seeds, resume=args.resume,
-                                seed=args.seed, zero_ranks=args.zero_ranks, log=runner.log)
+                                seed=args.seed, zero_ranks=args.zero_ranks, log=runner.log, verbose=args.verbose,
+                                callbacks=tracking)
     if received:
         raise runner.Interrupted(received[0])
     print(summary_table([t for t in trials if t["status"] != "estimated"]))
-    print(f"\n{len(pairs) - len(to_run)} pairs estimated only (all {len(pairs)} planned rows in trials.parquet); "
-          f"wall time {time.time() - t0:.0f}s")
+    print(f"\n{len(pairs) - len(to_run)} pairs estimated only (all {len(pairs)} planned rows in trials.parquet)")
+    print(progress.where(folder, f"python -m analysis.report --scaling {folder}  (make study runs it)"))
 
 
 if __name__ == "__main__":

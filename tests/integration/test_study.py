@@ -3,6 +3,7 @@ GPU scheduling on a fake multi-node cluster, secrets, bad input (cluster.yaml: t
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import clis
@@ -74,6 +75,56 @@ def test_tiny_study_writes_exact_schema_and_no_secrets(tiny_study):
     for path in (tmp_path / "scaling").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+
+
+def test_tiny_study_console_is_short_names_every_phase_and_ends_with_the_paths(tiny_study):
+    """Issue 24: the console a person follows; Ray Tune's own per-trial output is in the study's log file."""
+    out, folder = tiny_study.proc, tiny_study.storage / "scaling"
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    assert len(lines) < 150, "\n".join(lines)
+    log_file = folder / "logs" / "tune.log"
+    assert f"Ray Tune's per-trial output: {log_file}" in "\n".join(out.stderr.splitlines()[:3])
+    for phase in ("plan", "caches", "search", "confirm"):
+        assert -1 < out.stderr.find(f"] {phase} started") < out.stderr.find(f"] {phase} done in "), phase
+    n_pairs = len(METHODS) * 2
+    assert re.search(rf"\] search {n_pairs * 2}/{n_pairs * 2} done · .*read best \d\.\d+ \(done\) · ", out.stderr)
+    assert re.search(rf"\] confirm 1/{n_pairs * 2} done · ", out.stderr) and " 0 failed · " in out.stderr
+    assert "Trial status:" not in out.stdout + out.stderr and "╭" not in out.stdout  # Ray's tables: in the log
+    tail = out.stdout.rstrip().splitlines()[-4:]
+    assert tail[0] == f"tables:    {folder}/{{trials.parquet,epochs.parquet,quality.parquet,evp.parquet,predictions.parquet}}"
+    assert tail[1] == f"report:    python -m analysis.report --scaling {folder}  (make study runs it) -> {folder}/report.html"
+    assert tail[2] == f"log:       {log_file}" and re.fullmatch(
+        r"wall time: plan \S+ · caches \S+ · search \S+ · confirm \S+ · total \S+", tail[3]), tail
+    log = log_file.read_text()
+    assert log.count("started with configuration") >= n_pairs * 4  # every search and confirm trial's config
+    assert "Trial status:" in log and "result" in log and "===== confirm started" in log
+
+
+def test_verbose_puts_rays_tables_on_the_console_and_a_failed_trial_says_why(tmp_path, capfd):
+    """`--verbose` (launch.run's verbose) and a trial failing at run time (an unknown task: checked before Ray
+    in a study, not here), in one small in-process run."""
+    import ray
+
+    from study import launch, progress
+
+    run = {"backbone": "llama-tiny", "method": "probe", "task": "synthetic", "epochs": 1, "train_size": 32,
+           "max_length": 16, "batch_size": 16, "measure_memory": False}
+    groups = [launch.Group("probe|llama-tiny", run, {}, 1), launch.Group("probe|broken", {**run, "task": "nope"}, {}, 1)]
+    launch.init_ray(None, num_cpus=2)
+    try:
+        with progress.watch("search", groups, str(tmp_path), f"{tmp_path}/tune", verbose=True) as console:
+            grid = launch.run(groups, str(tmp_path), callbacks=console, verbose=True, max_failures=0)
+    finally:
+        ray.shutdown()
+    assert sorted(r.metrics["status"] for r in grid) == ["error", "ok"]  # the loop reports it as an outcome
+    out, err = capfd.readouterr()
+    assert "Trial status:" in out and "started with configuration" in out  # Ray's own tables, as before
+    failed = [line for line in err.splitlines() if "search: trial probe-broken-" in line]
+    assert len(failed) == 1 and re.search(r"failed \(error\): ValueError: unknown task 'nope'", failed[0]), err
+    assert re.search(r"search 2/2 done · probe best \d\.\d+ \(done\) · 1 failed · finished", err), err
+    log = (tmp_path / "logs" / "tune.log").read_text()
+    assert log.count("started with configuration") == 2 and "unknown task 'nope'" in log and "Trial status:" in log
 
 
 def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
