@@ -25,7 +25,8 @@ study: assets
 test: assets
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
-# One GPU, under 5 minutes: pretrained smollm2-135m, READ and LoRA in bf16, cuda peak vs estimate, NVML energy.
+# One GPU, under 5 minutes: pretrained minilm-l6 and smollm2-135m; READ, LST (from a GPU-built cache), LoRA, full,
+# NF4 READ and QLoRA in bf16; cuda peak (allocated, reserved) vs estimate, a ZeRO-3 forward, NVML energy.
 # Without a GPU it prints "skipped: no GPU" and succeeds.
 gpu-check: assets
 	$(PY) -m study.gpu_check

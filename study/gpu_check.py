@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 BACKBONES = ("minilm-l6", "smollm2-135m")  # the BERT-family and the Llama offline assets
-METHODS = ("read", "lst", "lora", "full")
+METHODS = ("read", "lst", "lora", "full", "read@nf4", "lora@nf4")  # the last two: NF4 READ, QLoRA (issue 21)
 TOLERANCE = 0.10
 MIB = 2**20
 
@@ -111,13 +111,17 @@ def _step_shape(row: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def _estimate(backbone: str, method: str, method_config: dict | None, b: int, t: int, n_labels: int,
-              cuda_major: int) -> int:
-    """The fake-tensor estimate of the step as CUDA runs it (a worker process: CPU only)."""
+              cuda_major: int, settings: dict[str, Any]) -> int:
+    """The fake-tensor estimate of the step as CUDA runs it (a worker process: CPU only); `settings`: the row's
+    dtype, quant, quant_double and gradient_checkpointing."""
     from trainables.memory import estimate_step
 
     torch.set_num_threads(1)
-    return estimate_step(backbone, method, method_config, batch_size=b, seq_len=t, dtype=torch.bfloat16,
-                         n_labels=n_labels, device_type="cuda", cuda_major=cuda_major).peak_bytes
+    dtype = torch.float32 if settings.get("dtype") == "fp32" else torch.bfloat16
+    return estimate_step(backbone, method, method_config, batch_size=b, seq_len=t, dtype=dtype, n_labels=n_labels,
+                         device_type="cuda", cuda_major=cuda_major, quant=settings.get("quant") or "none",
+                         quant_double=bool(settings.get("quant_double")),
+                         gradient_checkpointing=bool(settings.get("gradient_checkpointing"))).peak_bytes
 
 
 def run_study(folder: Path, args: argparse.Namespace) -> subprocess.CompletedProcess:
@@ -157,7 +161,8 @@ def compare(rows: list[dict[str, Any]], workers: int) -> list[Measured]:
     for r in rows:
         b, t, n_labels = _step_shape(r)
         config = json.loads(r["method_config"]) if r.get("method_config") else None
-        jobs.append((r["backbone"], r.get("method_base") or r["method"], config, b, t, n_labels, major))
+        settings = {k: r.get(k) for k in ("dtype", "quant", "quant_double", "gradient_checkpointing")}
+        jobs.append((r["backbone"], r.get("method_base") or r["method"], config, b, t, n_labels, major, settings))
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))),
