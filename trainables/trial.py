@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,8 +165,11 @@ def prepare_backbone(backbone: nn.Module, cfg: Any) -> nn.Module:
     if getattr(cfg, "quant", "none") != "none":
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=kwargs)
+        with warnings.catch_warnings():  # peft calls checkpointing by the name transformers 5 deprecates
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.* is deprecated",
+                                    category=FutureWarning)
+            return prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs=kwargs)
     if getattr(cfg, "gradient_checkpointing", False):  # transformers 5's name for gradient_checkpointing_enable
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     return backbone
