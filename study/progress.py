@@ -112,6 +112,11 @@ def where(folder: str, report: str) -> str:
                       f"wall time: {phase_times()}"])
 
 
+# method -> seconds per epoch of the trials this process saw finish, in any phase: a later phase's first
+# guess for a method none of its own trials has finished yet (confirm after search)
+SECONDS_PER_EPOCH: dict[str, list[float]] = {}
+
+
 def method_of(group: str) -> str:
     """A group's method label: the first part of its name (`lora@nf4|llama-7b`, `read|minilm-l6|confirm-s1`)."""
     return str(group).split("|", 1)[0]
@@ -143,12 +148,14 @@ class Progress(tune.Callback):
 
     Counts come from Tune's trial list on every event (so a resumed run starts from what had finished);
     durations from trials this process saw start and end. Time left = max(remaining work / slots, the
-    longest running trial's remainder), a trial's expected duration being its method's mean (else all).
+    longest running trial's remainder), a trial's expected duration being its method's mean in this phase,
+    else its seconds per epoch in an earlier phase × `epochs[method]`, else the mean of all.
     """
 
     def __init__(self, phase: str, totals: Mapping[str, int], *, log_file: str = "", tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic, say: Callable[[str], None] = log):
-        self.phase, self.totals = phase, dict(totals)
+                 clock: Callable[[], float] = time.monotonic, say: Callable[[str], None] = log,
+                 epochs: Mapping[str, int] | None = None):
+        self.phase, self.totals, self.epochs = phase, dict(totals), dict(epochs or {})
         self.total = sum(self.totals.values())
         self.log_file, self.tty, self.clock, self.say = log_file, tty, clock, say
         self.started: dict[str, float] = {}  # running trial id -> its start
@@ -197,7 +204,11 @@ class Progress(tune.Callback):
         overall = mean(known)
 
         def expected(m: str) -> float:
-            return mean(self.seconds[m]) if self.seconds.get(m) else overall
+            if self.seconds.get(m):
+                return mean(self.seconds[m])
+            if SECONDS_PER_EPOCH.get(m) and m in self.epochs:
+                return mean(SECONDS_PER_EPOCH[m]) * self.epochs[m]
+            return overall
 
         now = self.clock()
         remainders = [max(0.0, expected(m) - (now - self.started[t])) for t, m in running.items()]
@@ -267,6 +278,9 @@ class Progress(tune.Callback):
         if began is not None:
             m = method_of((trial.config or {}).get("group", ""))
             self.seconds.setdefault(m, []).append(self.clock() - began)
+            epochs_run = (trial.last_result or {}).get("training_iteration")
+            if isinstance(epochs_run, int) and epochs_run > 0:
+                SECONDS_PER_EPOCH.setdefault(m, []).append((self.clock() - began) / epochs_run)
         self.finished.add(trial.trial_id)
         result = trial.last_result or {}
         if outcome(result) != "ok":  # the loop's one-line reason (trainables.loop.classify_failure)
@@ -403,8 +417,10 @@ def watch(phase: str, groups: Sequence[Any], study: str, experiment: str, *,
     `verbose` they also reach the console, as they do without this project.
     """
     totals: dict[str, int] = {}
+    epochs: dict[str, int] = {}
     for g in groups:
         totals[method_of(g.name)] = totals.get(method_of(g.name), 0) + g.n_trials
+        epochs[method_of(g.name)] = max(epochs.get(method_of(g.name), 1), int(g.run.get("epochs", 1)))
     study_log = StudyLog(study)
     study_log.stream.write(f"\n===== {phase} started {time.strftime('%Y-%m-%d %H:%M:%S')}: {experiment} =====\n")
     handler = logging.StreamHandler(study_log.stream)
@@ -414,7 +430,7 @@ def watch(phase: str, groups: Sequence[Any], study: str, experiment: str, *,
     for lg in loggers:
         lg.addHandler(handler)
         lg.propagate = verbose
-    progress = Progress(phase, totals, log_file=str(study_log.target))
+    progress = Progress(phase, totals, log_file=str(study_log.target), epochs=epochs)
     try:
         yield [progress, TuneLog(study_log.stream, experiment)]
     finally:

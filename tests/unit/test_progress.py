@@ -51,6 +51,36 @@ def test_one_line_per_finished_trial_with_best_left_failed_and_time_left():
     assert said == ["search 1/5 done · lora best 0.812 (2 left) · read best – (2 left) · 0 failed · <1 min left"]
 
 
+@pytest.fixture(autouse=True)
+def no_earlier_phase(monkeypatch):
+    monkeypatch.setattr(progress, "SECONDS_PER_EPOCH", {})
+
+
+def test_a_later_phase_guesses_from_the_earlier_phases_seconds_per_epoch():
+    clock, said = Clock(), []
+    search = watcher(clock, said, full=1, read=1)
+    full, read = trial("full|b", "f0"), trial("read|b", "r0")
+    for t in (full, read):
+        search.on_trial_start(0, [full, read], t)
+    clock.now = 4
+    read.update_last_result({"objective": 0.7, "training_iteration": 2})  # 2 s an epoch
+    read.set_status(Trial.TERMINATED)
+    search.on_trial_complete(2, [full, read], read)
+    clock.now = 40
+    finish(full, 0.8)  # 40 s an epoch
+    search.on_trial_complete(1, [full, read], full)
+    # confirm: full finished in 120 s here; read has none here yet: 2 s/epoch × 3 epochs, not the mean (120 s)
+    confirm = progress.Progress("confirm", {"full": 2, "read": 2}, tty=False, clock=clock, say=said.append,
+                                epochs={"full": 3, "read": 3})
+    f = [trial("full|b|confirm-s1", "cf0"), trial("full|b|confirm-s2", "cf1")]
+    r = [trial("read|b|confirm-s1", "cr0"), trial("read|b|confirm-s2", "cr1")]
+    confirm.on_trial_start(0, [*f, *r], f[0])
+    clock.now = 160
+    finish(f[0], 0.8)
+    confirm.on_trial_complete(3, [*f, *r], f[0])
+    assert confirm.eta(confirm.tally([*f, *r]), {}) == 120 + 2 * 2 * 3
+
+
 def test_time_left_is_at_least_the_longest_running_remainder():
     clock, said = Clock(), []
     p = watcher(clock, said, full=2, probe=2)
