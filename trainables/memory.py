@@ -526,10 +526,16 @@ def estimate_step(backbone: str, method: str, method_cfg: dict[str, Any] | None 
         batch = synthetic_batch(spec.config["vocab_size"], batch_size, seq_len, n_labels=n_labels,
                                 pad_token_id=spec.config.get("pad_token_id") or 0)
         optimizer = _make_optimizer(_trainable(model), 1e-4, foreach)
-        # the same step's FLOPs, counted in the same pass (the optimizer's elementwise ops have no formula)
-        with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as counter:
-            split = _tracked_step(model, optimizer, batch, _forward_as(device_type, dtype))
-    flops = int(counter.get_total_flops()) if count_flops else None
+        split = _tracked_step(model, optimizer, batch, _forward_as(device_type, dtype))
+        flops = None
+        if count_flops:  # forward + backward counted in a second pass: FlopCounterMode's module hooks keep
+            # tensors alive, which made the peak depend on what ran before (measured: +9% at 2 blocks)
+            optimizer.zero_grad(set_to_none=True)
+            with FlopCounterMode(display=False) as counter:
+                with _forward_as(device_type, dtype) or contextlib.nullcontext():
+                    loss = _loss(model, batch)
+                loss.backward()
+            flops = int(counter.get_total_flops())
     if device_type == "cuda":
         workspaces = CUBLAS_WORKSPACES_PER_STEP * cublas_workspace_bytes(cuda_major)
         split = {**split, "peak_bytes": split["peak_bytes"] + workspaces,
