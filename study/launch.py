@@ -11,6 +11,7 @@ worse than a different method.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -252,6 +253,54 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")}
 
 
+# What Tune needs to resume: its tuner, the newest experiment state (trials), the search generator's and
+# the searcher's states. Tune writes tuner.pkl when `fit` starts and the rest with its first snapshot.
+STATE_FILES = ("tuner.pkl", "experiment_state-", "search_gen_state-", "searcher-state-")
+
+
+def saved_state(path: str, fs: Any) -> bool:
+    """Whether the experiment at (path, fs) holds a complete saved state Tune can resume.
+
+    `Tuner.can_restore` only looks for tuner.pkl. A driver killed before Tune's first snapshot reached
+    storage leaves tuner.pkl without an experiment state; Tune's restore then fails, logs it, and
+    "restarts" with one trial, no scheduler and no searcher budget: a study that looks finished after
+    one trial (seen in CI). A snapshot cut short (an experiment state that does not parse) is as bad.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    except (FileNotFoundError, OSError):
+        return False
+    names = {info.base_name: info.path for info in infos if info.type == pafs.FileType.File}
+    newest = {prefix: max((n for n in names if n.startswith(prefix)), default=None) for prefix in STATE_FILES}
+    if None in newest.values():
+        return False
+    with fs.open_input_stream(names[newest["experiment_state-"]]) as f:
+        try:
+            json.loads(f.readall())
+        except ValueError:
+            return False
+    return True
+
+
+def discard_unsaved(path: str, fs: Any) -> None:
+    """Remove what a driver killed before its first complete snapshot left (tuner.pkl, trial folders no
+    saved state names), so the search starts over cleanly in the same folder; says so on the console."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    except (FileNotFoundError, OSError):
+        return
+    if infos:
+        trials = sum(info.type == pafs.FileType.Directory for info in infos)
+        progress.log(f"--resume: {path} holds no complete saved state of Ray Tune (the driver was stopped before "
+                     f"Tune's first snapshot): {trials} trial folder(s) no state names are discarded and the "
+                     "search starts over")
+        fs.delete_dir(path)
+
+
 def trainable_class() -> type:
     """The trial trainable with each trial's resources (its config's `resources`)."""
     return tune.with_resources(TrialTrainable, lambda config: config["resources"])
@@ -273,7 +322,9 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
     keep_credentials_out_of_runtime_envs()
     trainable = trainable_class()
     path, fs = _tune_storage(study_dir)
-    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+    if resume and not saved_state(path, fs):
+        discard_unsaved(path, fs)
+    if resume and saved_state(path, fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         # the stored run config carries the first run's callbacks and verbosity (pickled): this run's replace them
@@ -303,6 +354,6 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
 def results(study_dir: str) -> tune.ResultGrid | None:
     """The ResultGrid of a study's experiment as stored (after an interrupt, too)."""
     path, fs = _tune_storage(study_dir)
-    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+    if not saved_state(path, fs):
         return None
     return tune.Tuner.restore(path, trainable=trainable_class(), storage_filesystem=fs).get_results()

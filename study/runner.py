@@ -260,7 +260,14 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     log(f"wrote {out / 'trials.parquet'} ({len(trials)} rows) and {out / 'epochs.parquet'} ({len(epochs)} rows)")
     if stopped is not None:
         raise stopped
+    if grid is not None and len(grid) != n:  # e.g. Tune failed to restore and "restarted" with another budget
+        raise Incomplete(f"Ray Tune ended the {role} with {len(grid)} of its {n} trials; the tables hold what ran "
+                         f"(why: {folder}/{progress.LOG})")
     return trials, epochs
+
+
+class Incomplete(Exception):
+    """Tune ended without running the planned trials, with no signal or error of its own: exit code 1."""
 
 
 class Interrupted(Exception):
@@ -312,6 +319,9 @@ def main_guard(fn: Any) -> int:
         return 2
     except Interrupted as e:
         return 128 + e.signum
+    except Incomplete as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -127,17 +127,25 @@ def test_verbose_puts_rays_tables_on_the_console_and_a_failed_trial_says_why(tmp
     assert log.count("started with configuration") == 2 and "unknown task 'nope'" in log and "Trial status:" in log
 
 
-def test_kill_driver_then_resume_runs_every_trial_once(tmp_path):
+def test_driver_killed_before_tunes_first_snapshot_resumes_with_every_trial_once(tmp_path):
+    """SIGKILL as soon as Tune starts: tuner.pkl is written, its first snapshot is not (planted: whatever of it
+    reached storage is removed). Tune's own restore would "restart" with one trial and no budget (seen in CI);
+    --resume starts the search over and runs every trial once. A kill after a snapshot: tests/integration/test_s3.py."""
     args = [*KILLED_STUDY, "--storage", str(tmp_path), "--no-memory-estimates", "--name", "resume"]
     exp = tmp_path / "resume" / "tune"
-    # killed once some trial has finished at least one epoch
-    clis.kill_when("study.scaling", *args, env=study_env(), ready=lambda: any(exp.glob("*/epochs.jsonl")))
+    clis.kill_when("study.scaling", *args, env=study_env(), ready=lambda: (exp / "tuner.pkl").exists(), grace_s=0)
+    for prefix in ("experiment_state-", "search_gen_state-", "searcher-state-"):
+        for f in exp.glob(f"{prefix}*"):
+            f.unlink()
+    killed = {d.name for d in exp.iterdir()}
 
     out = run_cli("study.scaling", *args, "--resume")
     assert out.returncode == 0, out.stderr[-4000:]
+    assert "no complete saved state" in out.stderr and "starts over" in out.stderr, out.stderr[-4000:]
     df = pd.read_parquet(tmp_path / "resume" / "trials.parquet").query("status != 'estimated'")
-    assert len(df) == 2 * 3 and df.trial_id.is_unique
+    assert len(df) == 2 * 3 and df.trial_id.is_unique, (df[["trial_id", "status"]], out.stderr[-3000:])
     assert set(df.status) == {"ok"}, df[["trial_id", "status", "error"]]
+    assert not killed & {d.name for d in exp.glob("full-*")}  # the killed run's trial folders are gone
     ep = pd.read_parquet(tmp_path / "resume" / "epochs.parquet")
     assert not ep.duplicated(["trial_id", "epoch"]).any()
     # ASHA may stop a trial early, but every trial's epochs run 1..n exactly once and match its row

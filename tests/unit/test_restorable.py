@@ -1,11 +1,14 @@
-"""Restoring a trial whose saved state names a checkpoint Tune already deleted (num_to_keep=1)."""
+"""Restoring a trial whose saved state names a checkpoint Tune already deleted (num_to_keep=1), and an
+experiment whose driver was killed before Tune saved a complete state."""
 
 from __future__ import annotations
 
 import pyarrow.fs
+import pytest
 from ray import tune
 from ray.train._internal.session import _TrainingResult
 
+from study import launch
 from trainables.ray_trainable import restorable
 
 
@@ -29,3 +32,38 @@ def test_existing_or_unreplaced_checkpoint_is_kept(tmp_path):
     gone = result_for(tmp_path / "checkpoint_000005")  # nothing after it: Tune reports the missing checkpoint
     assert restorable(gone) is gone
     assert restorable(None) is None
+
+
+def experiment(folder, *files, state="{}"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (folder / name).write_text(state if name.startswith("experiment_state-") else "x")
+    return str(folder)
+
+
+STATE = ["tuner.pkl", "experiment_state-2026-12-03_09-00-00.json", "search_gen_state-2026-12-03_09-00-00.json",
+         "searcher-state-2026-12-03_09-00-00.pkl"]
+
+
+@pytest.mark.parametrize("missing", [None, *STATE])
+def test_a_saved_state_needs_tuner_experiment_generator_and_searcher(tmp_path, missing):
+    """Tune's can_restore looks at tuner.pkl only; a driver killed before the first snapshot has no more."""
+    path = experiment(tmp_path / "tune", *(f for f in STATE if f != missing))
+    assert launch.saved_state(path, pyarrow.fs.LocalFileSystem()) is (missing is None)
+
+
+def test_a_cut_experiment_state_is_no_saved_state_and_nothing_is_no_state(tmp_path):
+    fs = pyarrow.fs.LocalFileSystem()
+    assert not launch.saved_state(experiment(tmp_path / "cut", *STATE, state='{"trial_data": [["'), fs)
+    assert not launch.saved_state(str(tmp_path / "absent"), fs)
+
+
+def test_what_an_unsaved_run_left_is_discarded_and_said(tmp_path, capsys):
+    path = experiment(tmp_path / "tune", "tuner.pkl")
+    (tmp_path / "tune" / "full-llama-tiny-1234abcd" / "checkpoint_000000").mkdir(parents=True)
+    launch.discard_unsaved(path, pyarrow.fs.LocalFileSystem())
+    assert not (tmp_path / "tune").exists()
+    err = capsys.readouterr().err
+    assert "no complete saved state" in err and "1 trial folder(s)" in err and "starts over" in err
+    launch.discard_unsaved(path, pyarrow.fs.LocalFileSystem())  # nothing there: nothing said
+    assert capsys.readouterr().err == ""

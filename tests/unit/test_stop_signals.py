@@ -23,3 +23,9 @@ def test_sigint_sigterm_and_sighup_share_one_handler_and_are_restored():
         assert received == [signal.SIGHUP]
     assert {s: signal.getsignal(s) for s in SIGNALS} == before
     assert runner.main_guard(lambda: (_ for _ in ()).throw(runner.Interrupted(signal.SIGHUP))) == 129
+
+
+def test_a_search_tune_ended_short_is_one_line_and_exit_1(capsys):
+    code = runner.main_guard(lambda: (_ for _ in ()).throw(runner.Incomplete("Ray Tune ended the search with 1 of its 6 trials")))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: Ray Tune ended") and "\n" not in err
