@@ -24,7 +24,8 @@ class MLflow(MLflowLoggerCallback):
     result), and a file store allowed."""
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
-        if str(self.tracking_uri).startswith("file:"):  # MLflow 3 refuses its file store unless told
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")  # None: MLflow reads the environment
+        if str(uri).startswith("file:"):  # MLflow 3 refuses its file store unless told
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         super().setup(*args, **kwargs)
 

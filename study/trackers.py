@@ -2,10 +2,11 @@
 
 Every trial becomes one tracked run: its config (the group, the searched values, the whole run config)
 as parameters, and every epoch's result as metrics at step = epoch. The study name is the MLflow
-experiment and the W&B project (Tune's experiment, `tune` for the search and `confirm` for the confirm
-runs, is the W&B group). Where each writes:
+experiment and the W&B project; the W&B group is Tune's experiment folder name, `tune` in both the search
+and the confirm phase (the same trackers see both). Where each writes:
 
-- **mlflow**: `MLFLOW_TRACKING_URI` when set (the researcher's own server or database); otherwise a file
+- **mlflow**: `MLFLOW_TRACKING_URI` when set (the researcher's own server or database; read by MLflow from
+  the environment, never stored with the experiment); otherwise a file
   store in `<study>/mlruns`, no server needed. Read it with MLflow's client or UI (the file store is in
   maintenance mode in MLflow 3, which then asks for `MLFLOW_ALLOW_FILE_STORE=true`):
   `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <study>/mlruns`.
@@ -22,8 +23,10 @@ the W&B key reaches its logging actor as an argument, and only when W&B runs onl
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,12 +72,16 @@ def callbacks(names: Sequence[str], study: str, folder: str) -> list[tune.Callba
 
     loc = Location.of(folder)
     staged = loc.local_path if loc.local else Path(tempfile.mkdtemp(prefix="petl-trackers-"))
+    if not loc.local:  # uploaded at each phase's end (Upload); gone when the driver exits
+        atexit.register(shutil.rmtree, staged, ignore_errors=True)
     out: list[tune.Callback] = []
     for name in names:
-        if name == "mlflow":
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or (staged / MLFLOW_DIR).as_uri()
+        if name == "mlflow":  # the researcher's URI may hold a password: MLflow reads it from the environment
+            uri = None if os.environ.get("MLFLOW_TRACKING_URI") else (staged / MLFLOW_DIR).as_uri()
             out.append(tc.MLflow(tracking_uri=uri, experiment_name=study, tags={"study": study}))
         elif name == "wandb":
+            if wandb_offline():  # Ray's W&B callback knows only these two spellings of offline
+                os.environ["WANDB_MODE"] = "disabled" if os.environ["WANDB_MODE"].lower() == "disabled" else "offline"
             mode = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
             out.append(tc.Wandb(project=study, dir=str(staged), **mode))
         else:

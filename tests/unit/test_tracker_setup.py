@@ -69,3 +69,12 @@ def test_wandb_items_come_back_in_the_order_they_were_numbered():
 
     queue = InOrder(Shuffled())
     assert [queue.get() for _ in range(3)] == ["epoch 1", "epoch 2", "end"]
+
+
+def test_a_tracking_uri_from_the_environment_is_not_pickled_and_offline_spellings_agree(monkeypatch, tmp_path):
+    uri = "postgresql://mlflow:planted-db-password-3391@127.0.0.1/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("WANDB_MODE", "DryRun")  # W&B's older name for offline, in any case
+    mlflow, wandb = trackers.callbacks(["mlflow", "wandb"], "my-study", str(tmp_path / "s"))
+    assert mlflow.tracking_uri is None and b"planted-db-password" not in cloudpickle.dumps([mlflow, wandb])
+    assert trackers.os.environ["WANDB_MODE"] == "offline" and wandb.kwargs["mode"] == "offline"
