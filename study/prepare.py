@@ -5,8 +5,8 @@ trials will compute them (`trainables.loop` helpers: same task subsample, valida
 subset, device, dtype, weights; `trainables.cache.trial_keys`). Groups on the same
 backbone and task share caches: a group needing taps up to φ_{L-1} (SHERL) is served by
 one holding φ_0..φ_L (LST), so such requests are merged. Every missing cache is built by
-builder actors, one per device, each loading the backbone once and writing every shard it is
-given into a staging folder that `cache.ensure` commits under the cache's lock; trials then
+builder actors (one per backbone, or one per device of a ZeRO backbone's ranks), each loading the
+backbone once and writing every shard it is given into a staging folder that `cache.ensure` commits under the cache's lock; trials then
 only read (`cache_dir` in their run config). The builders, holding the backbone on the trials'
 kind of device, also measure each reading config's live step and publish it beside the caches
 (`<caches>/steps/`), and meter their own devices' energy, summed into the manifest.
@@ -26,6 +26,7 @@ fulfil), kept in lockstep (`cache.write_shards(per_rank=...)`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import os
 import tempfile
@@ -211,10 +212,11 @@ class Builder:
                 (Location.of(staging) / record["file"]).upload(Path(tmp) / record["file"])
             return records
 
-    def measure(self, need: Need, root: str, threads: int) -> list[str]:
+    def measure(self, need: Need, root: str, threads: int) -> tuple[list[str], list[str]]:
         """Each of `need.configs`' live step (memory by category, FLOPs) on this device, published as
         `<root>/steps/<name>.json`, the name a cached trial of that config looks up (`Trial._memo`);
-        returns the names written. Last: applying a method may touch the backbone."""
+        returns (the names written, why each config that could not be measured failed). Last: applying a
+        method may touch the backbone."""
         from trainables import trial as trials
 
         torch.set_num_threads(threads)
@@ -224,18 +226,25 @@ class Builder:
         device, dtype, weights = loop.resolve(cfg)
         task, validation = loop.load_data(cfg, spec)
         revision = need.key.weights.rsplit("@", 1)[-1] if weights == "pretrained" else None
-        names = []
+        names, failed = [], []
         for method_config in need.configs:
+            gc.collect()  # each config's peak from a clean slate: nothing the previous one reserved
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             c = dataclasses.replace(cfg, method_config=method_config)
-            model = trials._apply(c, self.backbone, spec, task)
-            trials._master_fp32(model)
-            t = trials.Trial(c, spec, device, dtype, weights, task, validation, model, True, revision,
-                             facts={"device": trials.device_name(device)})
-            measured = t.measure(loop.epoch_seed(c.seed, 0), c.learning_rate, True, loop.untouched)
-            name = t._memo(tuple(next(t.train_batches(loop.epoch_seed(c.seed, 0)))["input_ids"].shape)).name
+            try:
+                model = trials._apply(c, self.backbone, spec, task)
+                trials._master_fp32(model)
+                t = trials.Trial(c, spec, device, dtype, weights, task, validation, model, True, revision,
+                                 facts={"device": trials.device_name(device)})
+                measured = t.measure(loop.epoch_seed(c.seed, 0), c.learning_rate, True, loop.untouched)
+                name = t._memo(tuple(next(t.train_batches(loop.epoch_seed(c.seed, 0)))["input_ids"].shape)).name
+            except Exception as e:  # e.g. out of memory: its trials measure (or meet the error) themselves
+                failed.append(f"{c.method} {method_config}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
             (Location.of(root) / "steps" / name).write_json(measured)
             names.append(name)
-        return names
+        return names, failed
 
     def count(self) -> int:
         """Backbone loads so far."""
@@ -251,23 +260,33 @@ class NoRoom(ValueError):
     """The Ray cluster could not seat the requested ZeRO ranks in time."""
 
 
-def start_builders(n: int, cpus: int = 1, gpus: float = 0, *, ranks: bool = False,
-                   wait_s: float = RANKS_WAIT_S) -> tuple[list[Any], Any]:
+def start_builders(n: int, cpus: int = 1, gpus: float = 0, *, ranks: bool = False, wait_s: float = RANKS_WAIT_S,
+                   say: Callable[[str], None] = lambda s: None) -> tuple[list[Any], Any]:
     """`n` builders, and the placement group holding them (None unless `ranks`).
 
     ZeRO ranks (`ranks`) run NCCL with each other: one placement group seats them on one node (STRICT_PACK,
-    n × {GPU, CPU}), a request the autoscaler fulfils by starting such a node; waited on for `wait_s`,
-    then refused with NoRoom. They are then joined into one torch.distributed group (rank 0 the master)."""
+    n × {GPU, CPU}), a request the autoscaler fulfils by starting such a node; waited on for `wait_s` (said
+    after the first seconds), then refused with NoRoom. They are then joined into one torch.distributed group
+    (rank 0 the master)."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if not ranks:
         return [Builder.options(num_cpus=cpus, num_gpus=gpus).remote() for _ in range(n)], None
     bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+    need = f"{n * cpus} CPUs" + (f" and {n * gpus:g} GPUs" if gpus else "")
     group = placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_PACK")
-    if not group.wait(wait_s):
+    try:
+        seated = group.wait(min(wait_s, 5))
+        if not seated and wait_s > 5:
+            say(f"waiting up to {wait_s:g} s for one node with {need} for {n} ZeRO ranks (an autoscaling cluster "
+                "starts one)")
+            seated = group.wait(wait_s - 5)
+    except BaseException:  # Ctrl-C while waiting: no request left behind
         remove_placement_group(group)
-        need = f"{n * cpus} CPUs" + (f" and {n * gpus:g} GPUs" if gpus else "")
+        raise
+    if not seated:
+        remove_placement_group(group)
         raise NoRoom(f"{n} ZeRO ranks need one node with {need}; none came within {wait_s:g} s (no node type "
                      "has that many, or the cluster is full): lower --zero-ranks")
     actors = [Builder.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -379,7 +398,7 @@ def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, b
     """Ensure every needed cache under `root`; returns {fingerprint: what happened}.
 
     The caches of one backbone are built by the same builders, started when the first of them is missing:
-    `builders` actors, one per device (or, with `ranks > 1`, a ZeRO backbone's ranks), each loading the
+    `builders` actors (or, with `ranks > 1`, a ZeRO backbone's ranks, one per device), each loading the
     backbone once for all its shards; they then publish the live step of every config whose trials read
     those caches (`Builder.measure`). One backbone at a time: builders of several at once could hold every
     device while the others wait.
@@ -396,7 +415,7 @@ def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, b
         def actors(spread: bool = spread, same: list[Need] = same, started: list = started) -> list[Any]:
             if not started:
                 started.append(start_builders(ranks if spread else builders, gpus=max(n.gpus for n in same),
-                                              ranks=spread, wait_s=wait_s))
+                                              ranks=spread, wait_s=wait_s, say=progress))
             return started[0][0]
 
         def writer(need: Need) -> cache.ShardWriter:
@@ -422,8 +441,12 @@ def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, b
                          f"{status} -> {folder}")
             if started:
                 where = root.uri if isinstance(root, Location) else str(root)
-                measured = [] if same[0].zero else [name for n in same if n.configs
-                                             for name in ray.get(actors()[0].measure.remote(n, where, 1))]
+                measured: list[str] = []
+                for n in ([] if same[0].zero else [n for n in same if n.configs]):
+                    names, failed = ray.get(actors()[0].measure.remote(n, where, 1))
+                    measured += names
+                    for why in failed:
+                        progress(f"live step not measured for {n.key.backbone}, {why}; its trials record the estimate")
                 loads = sum(ray.get([a.count.remote() for a in actors()]))
                 progress(f"cache builders for {same[0].key.backbone}: {len(actors())} builder(s), {loads} backbone "
                          f"load(s) for {shards} shard(s); {len(measured)} live step(s) measured and published")
@@ -434,16 +457,17 @@ def build_all(needs: Sequence[Need], root: Path | Location, *, ranks: int = 1, b
 
 
 def with_caches(groups: Sequence[Group], study_folder: str, progress: Callable[[str], None] = lambda s: None,
-                ranks: int = 1) -> list[Group]:
+                ranks: int = 1, wait_s: float = RANKS_WAIT_S) -> list[Group]:
     """Build the caches for the cacheable groups; returns the groups with `cache_dir` in their run config.
 
-    `ranks`: devices one partitioned (ZeRO) backbone is spread over while building.
+    `ranks`: devices one partitioned (ZeRO) backbone is spread over while building; `wait_s`: how long to wait
+    for a node that seats them (a Ray started here has no autoscaler: runner.execute waits seconds).
     """
     root = cache_root(study_folder)
     needs = {g.name: needs_of(g) for g in groups}
     if any(needs.values()):
         if root.local:
             check_shared(root.local_path)
-        build_all([n for ns in needs.values() for n in ns], root, ranks=ranks, progress=progress)
+        build_all([n for ns in needs.values() for n in ns], root, ranks=ranks, progress=progress, wait_s=wait_s)
     # a cloud root: each node's trials fetch it once into their node-local mirror (cache.fetch)
     return [dataclasses.replace(g, run={**g.run, "cache_dir": root.uri}) if needs[g.name] else g for g in groups]

