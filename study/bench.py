@@ -483,7 +483,7 @@ def check(args: argparse.Namespace) -> None:
                              f"{', '.join(m for m, i in REGISTRY.items() if i.cacheable)}")
     if getattr(args, "task", None) and not tasks.is_task_name(args.task):
         raise ValueError(f"unknown task {args.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, file:PATH, "
-                         "or hf:ORG/NAME[:CONFIG]")
+                         "or hf:ORG/NAME[:CONFIG][@REVISION]")
     if getattr(args, "task", "").startswith("file:"):
         try:
             tasks.check_file(Path(args.task[5:]).expanduser())

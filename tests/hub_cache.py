@@ -84,6 +84,11 @@ def build(hub: Path, n: int = 400) -> Path:
                                            "label_text": [["bad", "good"][y] for y in part.labels[:n]],
                                            "when": [f"2026-01-{1 + i % 28:02d}" for i in range(n)]}),
                folder / config / "train-00000-of-00001.parquet")
+    test = raw["test"]  # y: a test split whose plain integer label is hidden (-1 all through)
+    _write(datasets.Dataset.from_dict({"review": test.texts[:n // 4], "stars": [-1] * len(test.texts[:n // 4]),
+                                       "label_text": ["?"] * len(test.texts[:n // 4]),
+                                       "when": ["2026-02-01"] * len(test.texts[:n // 4])}),
+           folder / "y" / "test-00000-of-00001.parquet")
     return hub
 
 

@@ -191,7 +191,7 @@ def validate(cfg: RunConfig) -> None:
     method_cfg = get_method(cfg.method).parse(cfg.method_config)
     if not tasks.is_task_name(cfg.task):
         raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(tasks.TASK_NAMES)}, file:PATH, "
-                         "or hf:ORG/NAME[:CONFIG]")
+                         "or hf:ORG/NAME[:CONFIG][@REVISION]")
     if cfg.weights == "pretrained" and not spec.has_checkpoint:
         raise ValueError(f"{spec.name} has no checkpoint (random weights only); use weights=random or auto")
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -311,7 +311,7 @@ def _glue(config: str) -> tuple[dict[str, _Raw], int, str]:
     return {"train": train, "validation": validation, "test": raw_of(ds[eval_split])}, n_labels, metric_name
 
 
-# ---------------------------------------------------------------- hub datasets (hf:ORG/NAME[:CONFIG])
+# ---------------------------------------------------------------- hub datasets (hf:ORG/NAME[:CONFIG][@REVISION])
 
 HUB_PREFIX = "hf:"
 MAX_CLASSES = 1000  # a string/int column with more distinct values (or one per two rows) is not a label
@@ -325,21 +325,30 @@ def is_task_name(name: str) -> bool:
     return name in TASK_NAMES or name.startswith(("file:", HUB_PREFIX))
 
 
-def parse_hub(name: str) -> tuple[str, str | None]:
-    """`hf:ORG/NAME[:CONFIG]` -> (repo id, config or None)."""
-    repo, sep, config = name[len(HUB_PREFIX):].partition(":")
+def parse_hub(name: str) -> tuple[str, str | None, str | None]:
+    """`hf:ORG/NAME[:CONFIG][@REVISION]` -> (repo id, config or None, revision or None)."""
+    body, at, revision = name[len(HUB_PREFIX):].partition("@")
+    repo, sep, config = body.partition(":")
     parts = repo.split("/")
-    if len(parts) > 2 or not all(parts) or (sep and not config):
-        raise ValueError(f"task {name!r}: expected hf:ORG/NAME[:CONFIG] (or hf:NAME[:CONFIG]), e.g. hf:SetFit/sst5 "
-                         "or hf:nyu-mll/glue:rte")
-    return repo, config or None
+    if len(parts) > 2 or not all(parts) or (sep and not config) or (at and not revision):
+        raise ValueError(f"task {name!r}: expected hf:ORG/NAME[:CONFIG][@REVISION] (or hf:NAME...), e.g. "
+                         "hf:SetFit/sst5 or hf:nyu-mll/glue:rte@bcdcba79")
+    return repo, config or None, revision or None
+
+
+def pinned(name: str) -> str:
+    """A hub task with the commit loaded here (`load_raw` first): `hf:ORG/NAME[:CONFIG]@COMMIT`, so that every
+    node of a cluster, and a resume days later, reads the data the driver checked, not the hub's newest."""
+    if not name.startswith(HUB_PREFIX) or parse_hub(name)[2] is not None or name not in _HUB_FACTS:
+        return name
+    return f"{name}@{_HUB_FACTS[name]['revision']}"
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def hub_snapshot(repo: str) -> Path:
+def hub_snapshot(repo: str, revision: str | None = None) -> Path:
     """The dataset repo's files on this machine: the Hugging Face cache, else downloaded once per node (the
     backbones' per-node lock; `HF_TOKEN` from the environment for private datasets). The folder is
     named by the commit. ValueError (one line) when it is unknown or cannot be reached."""
@@ -349,12 +358,15 @@ def hub_snapshot(repo: str) -> Path:
     from trainables.backbones import _download_lock
 
     try:
-        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True))
     except Exception:  # not cached here: download it below
         pass
     try:
         with _download_lock(f"datasets/{repo}", None):
-            return Path(snapshot_download(repo, repo_type="dataset", token=os.environ.get("HF_TOKEN") or None))
+            return Path(snapshot_download(repo, repo_type="dataset", revision=revision,
+                                          token=os.environ.get("HF_TOKEN") or None))
+    except hub_errors.RevisionNotFoundError:
+        raise ValueError(f"hub dataset {repo!r} has no revision {revision!r}") from None
     except hub_errors.RepositoryNotFoundError:
         raise ValueError(f"unknown hub dataset {repo!r} (no such dataset on huggingface.co, or private and "
                          "HF_TOKEN is not set)") from None
@@ -389,8 +401,8 @@ def _dir_configs(folder: Path) -> list[str]:
 
 def _hub_dataset(name: str) -> tuple[datasets.DatasetDict, str]:
     """The dataset's splits (`datasets.load_dataset` on the snapshot folder) and its revision."""
-    repo, config = parse_hub(name)
-    folder = hub_snapshot(repo)
+    repo, config, revision = parse_hub(name)
+    folder = hub_snapshot(repo, revision)
     declared = _readme_configs(folder)
     kwargs: dict[str, Any] = {}
     if declared:
@@ -490,11 +502,15 @@ def _hub_task(name: str, text_col: str, label_col: str, notes: list[str]) -> tup
     tables = {ours_name: dd[hub_name].select_columns([*texts_cols, label_col]).to_dict()
               for ours_name, hub_name in ours.items()}
     _check_label_feature(name, label_col, feature, tables["train"][label_col])
+    in_train = set(tables["train"][label_col])
     raw_rows: dict[str, tuple[list[str], list[str] | None, list[Any]]] = {}
     for split, table in tables.items():
-        keep = [i for i, y in enumerate(table[label_col])
-                if y is not None and not (class_label and y < 0)
-                and all(table[c][i] is not None and str(table[c][i]).strip() for c in texts_cols)]
+        # hidden labels: -1 in a ClassLabel; in a plain column, one value all through that train never has
+        values = set(table[label_col]) - {None}
+        hidden = split != "train" and not class_label and len(values) == 1 and not values & in_train
+        keep = [] if hidden else [
+            i for i, y in enumerate(table[label_col]) if y is not None and not (class_label and y < 0)
+            and all(table[c][i] is not None and str(table[c][i]).strip() for c in texts_cols)]
         if not keep:
             if split == "train":
                 raise ValueError(f"task {name!r}: the train split has no row with text and a label")
@@ -695,7 +711,7 @@ def load_raw(
     else:
         raise ValueError(
             f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}, file:PATH (csv/jsonl/parquet), "
-            "or hf:ORG/NAME[:CONFIG] (a hub dataset)"
+            "or hf:ORG/NAME[:CONFIG][@REVISION] (a hub dataset)"
         )
     regression = n_labels == 1
     every_class = set(raw["train"].labels) | set(raw["validation"].labels) | set(raw["test"].labels)

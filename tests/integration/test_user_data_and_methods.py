@@ -52,7 +52,7 @@ def test_quick_study_on_a_hub_dataset_with_an_external_method(tmp_path):
     rows = pq.read_table(tmp_path / "r" / "hub" / "trials.parquet").to_pylist()
     ran = [r for r in rows if r["status"] != "estimated"]
     assert [r["status"] for r in ran] == ["ok"] and ran[0]["method"] == "pooled-lowrank"
-    assert ran[0]["dataset_revision"] == hub_cache.REVISION and ran[0]["task"] == TASK
+    assert ran[0]["dataset_revision"] == hub_cache.REVISION and ran[0]["task"] == f"{TASK}@{hub_cache.REVISION}"
     digest = hashlib.sha256(EXAMPLE.read_bytes()).hexdigest()[:16]
     for r in rows:  # the planned row too
         assert (r["method_module"], r["method_version"], r["method_hash"]) == ("petl_example_method", "0.1.0", digest)

@@ -60,6 +60,22 @@ def test_folder_configs_and_a_named_integer_label():
     assert tasks.class_names(f"hf:{hub_cache.FOLDERS}:x", 2) == ("1", "5")
 
 
+def test_the_driver_pins_a_hub_task_to_the_commit_it_checked():
+    args = argparse.Namespace(batch_size=16, max_length=None, zero_ranks=1, gpu_memory_gib=None, seed=0, name="x",
+                              log=None, task=f"hf:{hub_cache.VADER}:sentiment", text_col="text", label_col="label")
+    runner.check_input(["probe"], ["llama-tiny"], args)
+    assert args.task == f"hf:{hub_cache.VADER}:sentiment@{hub_cache.REVISION}"
+    runner.check_input(["probe"], ["llama-tiny"], args)  # pinned stays pinned; and it loads by that commit
+    assert args.task.count("@") == 1 and tasks.dataset_revision(args.task) == hub_cache.REVISION
+    assert tasks.parse_hub(args.task) == (hub_cache.VADER, "sentiment", hub_cache.REVISION)
+
+
+def test_hidden_labels_in_a_plain_integer_column_are_no_class():
+    raw, n_labels, _, notes = tasks.load_raw(f"hf:{hub_cache.FOLDERS}:y", text_col="review", label_col="stars")
+    assert n_labels == 2 and set(raw["test"].labels) == {0, 1}  # carved from train, -1 is no third class
+    assert any("test split has no labels (hidden)" in n for n in notes), notes
+
+
 @pytest.mark.parametrize("task,text_col,label_col,needle", [
     (f"hf:{hub_cache.VADER}", "text", "label", "has configs sentiment, pairs; name one"),
     (f"hf:{hub_cache.VADER}:nope", "text", "label", "has no config 'nope'; configs: sentiment, pairs"),
@@ -73,7 +89,9 @@ def test_folder_configs_and_a_named_integer_label():
     (f"hf:{hub_cache.VADER}:pairs", "idx", "label", "column 'idx' is not text"),
     ("hf:nobody/nothing", "text", "label", "is not on this machine and HF_HUB_OFFLINE is set; tasks that work "
                                            "offline: vader-movies"),
-    ("hf:a/b/c", "text", "label", "expected hf:ORG/NAME[:CONFIG]"),
+    ("hf:a/b/c", "text", "label", "expected hf:ORG/NAME[:CONFIG][@REVISION]"),
+    (f"hf:{hub_cache.VADER}:sentiment@", "text", "label", "expected hf:ORG/NAME[:CONFIG][@REVISION]"),
+    (f"hf:{hub_cache.VADER}:sentiment@0123abcd", "text", "label", "is not on this machine and HF_HUB_OFFLINE"),
 ])
 def test_bad_input_is_one_line_before_ray(task, text_col, label_col, needle):
     args = argparse.Namespace(batch_size=16, max_length=None, zero_ranks=1, gpu_memory_gib=None, task=task,
