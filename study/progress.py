@@ -199,16 +199,16 @@ class Progress(tune.Callback):
         """Seconds left: the queue's expected work over the slots, at least the longest running remainder.
         `running` maps a running trial id to its method."""
         known = [s for seconds in self.seconds.values() for s in seconds]
-        if not known:
+        prior = {m: mean(SECONDS_PER_EPOCH[m]) * self.epochs[m] for m in tally  # an earlier phase's pace
+                 if SECONDS_PER_EPOCH.get(m) and m in self.epochs}
+        if not known and not prior:
             return None
-        overall = mean(known)
+        overall = mean(known or prior.values())
 
         def expected(m: str) -> float:
             if self.seconds.get(m):
                 return mean(self.seconds[m])
-            if SECONDS_PER_EPOCH.get(m) and m in self.epochs:
-                return mean(SECONDS_PER_EPOCH[m]) * self.epochs[m]
-            return overall
+            return prior.get(m, overall)
 
         now = self.clock()
         remainders = [max(0.0, expected(m) - (now - self.started[t])) for t, m in running.items()]

@@ -75,6 +75,8 @@ def test_a_later_phase_guesses_from_the_earlier_phases_seconds_per_epoch():
     f = [trial("full|b|confirm-s1", "cf0"), trial("full|b|confirm-s2", "cf1")]
     r = [trial("read|b|confirm-s1", "cr0"), trial("read|b|confirm-s2", "cr1")]
     confirm.on_trial_start(0, [*f, *r], f[0])
+    # before any confirm trial ends: the earlier phase's pace, 40 s × 3 per full trial and 2 s × 3 per read one
+    assert confirm.eta(confirm.tally([*f, *r]), {}) == (2 * 40 * 3 + 2 * 2 * 3) / confirm.slots
     clock.now = 160
     finish(f[0], 0.8)
     confirm.on_trial_complete(3, [*f, *r], f[0])
