@@ -72,9 +72,12 @@ def run_notebook(name: str, parameters: dict[str, Any], out_dir: Path, timeout_s
 
     out = out_dir / "notebooks" / f"{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with venv_kernel() as kernel:
+    from traitlets.config import Config
+
+    with venv_kernel() as kernel:  # IPC: the kernel talks over local sockets, not unencrypted loopback TCP
         pm.execute_notebook(str(HERE / f"{name}.ipynb"), str(out), parameters=parameters, kernel_name=kernel,
-                            cwd=str(ROOT), progress_bar=False, execution_timeout=timeout_s)
+                            cwd=str(ROOT), progress_bar=False, execution_timeout=timeout_s,
+                            config=Config({"KernelManager": {"transport": "ipc"}}))
     return out
 
 

@@ -175,6 +175,7 @@ def test_report_reads_a_study_from_s3_and_writes_back_there(studies, monkeypatch
         out = run_cli("analysis.report", "--scaling", remote.uri, timeout=300, env=cli_env(**env))
         assert out.returncode == 0, out.stderr[-4000:]
         assert "read-params-flat" in out.stdout
+        assert "WARNING" not in out.stderr, out.stderr  # e.g. the kernel's about unencrypted TCP: it runs over IPC
         stored = {"verdicts.json", "report.html", "notebooks/01_parameter_scaling.ipynb", *FIGURES["01_parameter_scaling"],
                   *FIGURES["04_quality_per_cost"]}
         assert all((remote / name).is_file() for name in stored), remote.list()
