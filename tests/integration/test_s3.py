@@ -58,6 +58,7 @@ def test_study_on_s3_survives_kill_and_resumes_from_the_uri(s3, monkeypatch, cap
     out = clis.run_cli("study.scaling", *STUDY, "--storage", storage, "--resume", timeout=400, env=env)
     t_resume = time.time() - t1
     assert out.returncode == 0, out.stderr[-4000:]
+    assert "starts over" not in out.stderr  # killed after a checkpoint: Tune's saved state is read from the bucket
     files, fs = objects(s3, "petl/studies/resume")
     names = {i.path.removeprefix("petl/studies/resume/") for i in files}
     assert {"trials.parquet", "epochs.parquet", "plan.json"} <= names
