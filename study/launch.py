@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import pyarrow.fs as pafs
 import ray
 from optuna.samplers import TPESampler
 from ray import tune
@@ -258,46 +259,58 @@ def keep_credentials_out_of_runtime_envs() -> None:
 STATE_FILES = ("tuner.pkl", "experiment_state-", "search_gen_state-", "searcher-state-")
 
 
-def saved_state(path: str, fs: Any) -> bool:
+class Unresumable(ValueError):
+    """Tune's saved state of an experiment is damaged: resuming it would lose or repeat trials."""
+
+
+def resumable(path: str, fs: Any) -> bool:
     """Whether the experiment at (path, fs) holds a complete saved state Tune can resume.
 
-    `Tuner.can_restore` only looks for tuner.pkl. A driver killed before Tune's first snapshot reached
-    storage leaves tuner.pkl without an experiment state; Tune's restore then fails, logs it, and
-    "restarts" with one trial, no scheduler and no searcher budget: a study that looks finished after
-    one trial (seen in CI). A snapshot cut short (an experiment state that does not parse) is as bad.
+    False when Tune recorded nothing (no experiment state): a driver killed before Tune's first snapshot
+    reached storage leaves only tuner.pkl, and `Tuner.can_restore`, which looks at that alone, says yes;
+    Tune's restore then fails, logs it and "restarts" with one trial, no scheduler and no searcher budget
+    (a study that looked finished after one trial in CI). Unresumable when an experiment state is there
+    but cut short or without the rest: trials were recorded, so nothing is thrown away.
     """
-    import pyarrow.fs as pafs
-
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     except (FileNotFoundError, OSError):
         return False
     names = {info.base_name: info.path for info in infos if info.type == pafs.FileType.File}
     newest = {prefix: max((n for n in names if n.startswith(prefix)), default=None) for prefix in STATE_FILES}
-    if None in newest.values():
+    if newest["experiment_state-"] is None:
         return False
+    missing = [prefix.rstrip("-") for prefix, name in newest.items() if name is None]
+    if missing:
+        raise Unresumable(f"Ray Tune's saved state in {path} lacks {', '.join(missing)} (the driver was stopped "
+                          "while saving it); resume is not possible: start a new --name (nothing was removed)")
     with fs.open_input_stream(names[newest["experiment_state-"]]) as f:
         try:
             json.loads(f.readall())
         except ValueError:
-            return False
+            raise Unresumable(f"Ray Tune's experiment state {newest['experiment_state-']} in {path} is cut short "
+                              "(the driver was stopped while saving it); resume is not possible: start a new "
+                              "--name (nothing was removed)") from None
     return True
 
 
-def discard_unsaved(path: str, fs: Any) -> None:
-    """Remove what a driver killed before its first complete snapshot left (tuner.pkl, trial folders no
-    saved state names), so the search starts over cleanly in the same folder; says so on the console."""
-    import pyarrow.fs as pafs
+def check_resumable(study_dir: str) -> None:
+    """Before Ray: the study's experiment in `study_dir` can be resumed or started over (Unresumable if not)."""
+    resumable(*_tune_storage(study_dir))
 
+
+def discard_unsaved(path: str, fs: Any) -> None:
+    """Remove what a driver killed before Tune's first snapshot left (tuner.pkl, trial folders no saved state
+    names: no trial was recorded), so the search starts over cleanly in the same folder; said on the console."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     except (FileNotFoundError, OSError):
         return
     if infos:
         trials = sum(info.type == pafs.FileType.Directory for info in infos)
-        progress.log(f"--resume: {path} holds no complete saved state of Ray Tune (the driver was stopped before "
-                     f"Tune's first snapshot): {trials} trial folder(s) no state names are discarded and the "
-                     "search starts over")
+        progress.log(f"--resume: {path} holds no saved state of Ray Tune (the driver was stopped before Tune's "
+                     f"first snapshot): {trials} trial folder(s) no state names are discarded and the search "
+                     "starts over")
         fs.delete_dir(path)
 
 
@@ -322,9 +335,10 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
     keep_credentials_out_of_runtime_envs()
     trainable = trainable_class()
     path, fs = _tune_storage(study_dir)
-    if resume and not saved_state(path, fs):
+    restore = resume and resumable(path, fs)
+    if resume and not restore:
         discard_unsaved(path, fs)
-    if resume and saved_state(path, fs):
+    if restore:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         # the stored run config carries the first run's callbacks and verbosity (pickled): this run's replace them
@@ -354,6 +368,9 @@ def run(groups: Sequence[Group], study_dir: str, *, seed: int = 0, resume: bool 
 def results(study_dir: str) -> tune.ResultGrid | None:
     """The ResultGrid of a study's experiment as stored (after an interrupt, too)."""
     path, fs = _tune_storage(study_dir)
-    if not saved_state(path, fs):
+    try:
+        if not resumable(path, fs):
+            return None
+    except Unresumable:
         return None
     return tune.Tuner.restore(path, trainable=trainable_class(), storage_filesystem=fs).get_results()

@@ -6,10 +6,11 @@ subset, device, dtype, weights; `trainables.cache.trial_keys`). Groups on the sa
 backbone and task share caches: a group needing taps up to φ_{L-1} (SHERL) is served by
 one holding φ_0..φ_L (LST), so such requests are merged. Every missing cache is built by
 builder actors (one per backbone, or one per device of a ZeRO backbone's ranks), each loading the
-backbone once and writing every shard it is given into a staging folder that `cache.ensure` commits under the cache's lock; trials then
-only read (`cache_dir` in their run config). The builders, holding the backbone on the trials'
-kind of device, also measure each reading config's live step and publish it beside the caches
-(`<caches>/steps/`), and meter their own devices' energy, summed into the manifest.
+backbone once and writing every shard it is given into a staging folder that `cache.ensure`
+commits under the cache's lock; trials then only read (`cache_dir` in their run config). The
+builders, holding the backbone on the trials' kind of device, also measure each reading config's
+live step and publish it beside the caches (`<caches>/steps/`), and meter their own devices'
+energy, summed into the manifest.
 
 The caches live in the study's storage, `<storage>/.activations/`, where every node can
 read them: a local `--storage` must be one folder for all nodes (checked: one machine or
@@ -134,6 +135,7 @@ def merged(needs: Sequence[Need]) -> list[Need]:
 # --------------------------------------------------------------------------- the builders
 
 RANKS_WAIT_S = 900.0  # for a placement group of ZeRO ranks: an autoscaler starts a multi-GPU node in minutes
+LOCAL_RANKS_WAIT_S = 10.0  # a Ray started by the study has no autoscaler: the ranks fit now or never
 
 
 def _backbone(need: Need) -> tuple[torch.nn.Module, Any]:

@@ -188,12 +188,20 @@ def study_dir(storage: str, name: str, resume: bool) -> str:
 
 
 def check_resume(name: str, folder: str, config: dict[str, Any], resume: bool) -> None:
-    """`--resume` continues the same study: another configuration is refused, naming what differs.
+    """`--resume` continues the same study: another configuration, or a saved Tune state that is damaged, is
+    refused, naming what differs or what is damaged.
 
     The configuration (methods, backbones, task, budgets) is recorded in plan.json as `config`.
     """
     if not resume:
         return
+    from study.confirm import folder_of  # the confirm phase's experiment lives beside the search's
+
+    for experiment in (folder, folder_of(folder)):  # Tune's saved states, read before Ray starts
+        try:
+            launch.check_resumable(experiment)
+        except launch.Unresumable as e:
+            raise UsageError(f"--resume: {e}") from None
     try:
         stored = (Location.of(folder) / "plan.json").read_json().get("config")
     except (OSError, ValueError, AttributeError):
@@ -235,9 +243,8 @@ def execute(name: str, folder: str, groups: Sequence[launch.Group], estimated: l
     launch.init_ray(address)
     try:  # side methods: taps computed once, before any trial
         with progress.phase("caches", "activation caches of the side methods' backbones"):
-            # a Ray started here has no autoscaler: the ranks fit now or never
             groups = prepare.with_caches(groups, folder, log, ranks=zero_ranks,
-                                         wait_s=prepare.RANKS_WAIT_S if address else 10)
+                                         wait_s=prepare.RANKS_WAIT_S if address else prepare.LOCAL_RANKS_WAIT_S)
     except (prepare.NoRoom, prepare.NotShared) as e:
         raise UsageError(str(e)) from None
     grid, stopped = None, None

@@ -27,6 +27,7 @@ import atexit
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,8 +73,6 @@ def callbacks(names: Sequence[str], study: str, folder: str) -> list[tune.Callba
 
     loc = Location.of(folder)
     staged = loc.local_path if loc.local else Path(tempfile.mkdtemp(prefix="petl-trackers-"))
-    if not loc.local:  # uploaded at each phase's end (Upload); gone when the driver exits
-        atexit.register(shutil.rmtree, staged, ignore_errors=True)
     out: list[tune.Callback] = []
     for name in names:
         if name == "mlflow":  # the researcher's URI may hold a password: MLflow reads it from the environment
@@ -94,12 +93,15 @@ def callbacks(names: Sequence[str], study: str, folder: str) -> list[tune.Callba
         for d in synced:  # a resumed study's runs continue where they are
             if (loc / d).exists():
                 _copy(loc / d, Location.of(staged / d))
-        out.append(Upload(str(staged), loc.uri, synced))  # last: after W&B's actors have finished writing
+        upload = Upload(str(staged), loc.uri, synced)
+        atexit.register(upload.close)
+        out.append(upload)  # last: after W&B's actors have finished writing
     return out
 
 
 def _copy(src: Location, dst: Location) -> None:
     try:
+        dst.fs.create_dir(dst.path, recursive=True)  # a local destination needs its folders; S3 has none
         pafs.copy_files(src.path, dst.path, source_filesystem=src.fs, destination_filesystem=dst.fs,
                         use_threads=False)
     except OSError as e:
@@ -107,12 +109,24 @@ def _copy(src: Location, dst: Location) -> None:
 
 
 class Upload(tune.Callback):
-    """Copies the trackers' local folders into the study's cloud storage when a Tune experiment ends."""
+    """Copies the trackers' local folders into the study's cloud storage when a Tune experiment ends; at the
+    driver's exit the local copy goes if all of it was uploaded, else it stays and a line says where."""
 
     def __init__(self, staged: str, study: str, folders: Sequence[str]):
         self.staged, self.study, self.folders = staged, study, list(folders)
+        self.uploaded = False
+
+    def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
+        self.uploaded = False
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         for d in self.folders:
             if (Path(self.staged) / d).exists():
                 _copy(Location.of(Path(self.staged) / d), Location.of(self.study) / d)
+        self.uploaded = True
+
+    def close(self) -> None:
+        if self.uploaded:
+            shutil.rmtree(self.staged, ignore_errors=True)
+        elif Path(self.staged).exists():
+            print(f"tracker files not uploaded to {self.study}: kept in {self.staged}", file=sys.stderr)

@@ -141,7 +141,7 @@ def test_driver_killed_before_tunes_first_snapshot_resumes_with_every_trial_once
 
     out = run_cli("study.scaling", *args, "--resume")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "no complete saved state" in out.stderr and "starts over" in out.stderr, out.stderr[-4000:]
+    assert "holds no saved state" in out.stderr and "starts over" in out.stderr, out.stderr[-4000:]
     df = pd.read_parquet(tmp_path / "resume" / "trials.parquet").query("status != 'estimated'")
     assert len(df) == 2 * 3 and df.trial_id.is_unique, (df[["trial_id", "status"]], out.stderr[-3000:])
     assert set(df.status) == {"ok"}, df[["trial_id", "status", "error"]]

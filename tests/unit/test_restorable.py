@@ -45,17 +45,32 @@ STATE = ["tuner.pkl", "experiment_state-2026-12-03_09-00-00.json", "search_gen_s
          "searcher-state-2026-12-03_09-00-00.pkl"]
 
 
-@pytest.mark.parametrize("missing", [None, *STATE])
-def test_a_saved_state_needs_tuner_experiment_generator_and_searcher(tmp_path, missing):
+def test_a_complete_state_resumes_and_nothing_recorded_starts_over(tmp_path):
     """Tune's can_restore looks at tuner.pkl only; a driver killed before the first snapshot has no more."""
-    path = experiment(tmp_path / "tune", *(f for f in STATE if f != missing))
-    assert launch.saved_state(path, pyarrow.fs.LocalFileSystem()) is (missing is None)
-
-
-def test_a_cut_experiment_state_is_no_saved_state_and_nothing_is_no_state(tmp_path):
     fs = pyarrow.fs.LocalFileSystem()
-    assert not launch.saved_state(experiment(tmp_path / "cut", *STATE, state='{"trial_data": [["'), fs)
-    assert not launch.saved_state(str(tmp_path / "absent"), fs)
+    assert launch.resumable(experiment(tmp_path / "whole", *STATE), fs)
+    assert not launch.resumable(experiment(tmp_path / "killed", "tuner.pkl"), fs)
+    assert not launch.resumable(str(tmp_path / "absent"), fs)
+
+
+@pytest.mark.parametrize("missing", [f for f in STATE if not f.startswith("experiment_state-")])
+def test_a_recorded_state_missing_a_piece_is_refused_and_kept(tmp_path, missing, capsys):
+    path = experiment(tmp_path / "s" / "tune", *(f for f in STATE if f != missing))
+    with pytest.raises(launch.Unresumable, match=f"lacks {missing.split('-2026')[0]}"):
+        launch.resumable(path, pyarrow.fs.LocalFileSystem())
+    assert launch.results(str(tmp_path / "s")) is None  # what a stopped run reads back: nothing, no traceback
+    # the CLI's check, before Ray: one line, exit 2, nothing removed
+    from study import runner
+
+    with pytest.raises(runner.UsageError, match="^--resume: Ray Tune's saved state .* start a new --name"):
+        runner.check_resume("s", str(tmp_path / "s"), {}, resume=True)
+    assert sorted(p.name for p in (tmp_path / "s" / "tune").iterdir()) == sorted(f for f in STATE if f != missing)
+
+
+def test_a_cut_experiment_state_is_refused(tmp_path):
+    path = experiment(tmp_path / "cut", *STATE, state='{"trial_data": [["')
+    with pytest.raises(launch.Unresumable, match="is cut short"):
+        launch.resumable(path, pyarrow.fs.LocalFileSystem())
 
 
 def test_what_an_unsaved_run_left_is_discarded_and_said(tmp_path, capsys):
@@ -64,6 +79,6 @@ def test_what_an_unsaved_run_left_is_discarded_and_said(tmp_path, capsys):
     launch.discard_unsaved(path, pyarrow.fs.LocalFileSystem())
     assert not (tmp_path / "tune").exists()
     err = capsys.readouterr().err
-    assert "no complete saved state" in err and "1 trial folder(s)" in err and "starts over" in err
+    assert "holds no saved state" in err and "1 trial folder(s)" in err and "starts over" in err
     launch.discard_unsaved(path, pyarrow.fs.LocalFileSystem())  # nothing there: nothing said
     assert capsys.readouterr().err == ""

@@ -78,3 +78,21 @@ def test_a_tracking_uri_from_the_environment_is_not_pickled_and_offline_spelling
     mlflow, wandb = trackers.callbacks(["mlflow", "wandb"], "my-study", str(tmp_path / "s"))
     assert mlflow.tracking_uri is None and b"planted-db-password" not in cloudpickle.dumps([mlflow, wandb])
     assert trackers.os.environ["WANDB_MODE"] == "offline" and wandb.kwargs["mode"] == "offline"
+
+
+def test_the_staged_tracker_files_go_only_once_uploaded(tmp_path, capsys):
+    staged, study = tmp_path / "staged", tmp_path / "study"
+    (staged / "mlruns").mkdir(parents=True)
+    (staged / "mlruns" / "run.txt").write_text("epoch 1")
+    study.mkdir()
+    upload = trackers.Upload(str(staged), str(study), ["mlruns"])
+    upload.close()  # nothing uploaded yet (a crash before a phase ended): kept, and said
+    assert (staged / "mlruns" / "run.txt").exists() and str(staged) in capsys.readouterr().err
+    upload.on_experiment_end([])
+    assert (study / "mlruns" / "run.txt").read_text() == "epoch 1"
+    upload.on_trial_result(1, [], None, {})  # written after the upload: kept again
+    upload.close()
+    assert staged.exists()
+    upload.on_experiment_end([])
+    upload.close()
+    assert not staged.exists()
