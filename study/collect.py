@@ -128,9 +128,11 @@ def rows_from_results(study: str, grid: Any, env: dict[str, Any], role: str = "s
         row.update({f"hp.{k}": v for k, v in (config.get("hp") or {}).items()})
         trials.append(row)
         frame = result.metrics_dataframe
-        if frame is None or frame.empty or "epoch" not in frame:
-            continue
-        for rec in frame.to_dict("records"):
+        records = [] if frame is None or frame.empty or "epoch" not in frame else frame.to_dict("records")
+        # the last report, as the saved experiment state has it: on cloud storage the trial's own result files
+        # are uploaded with its checkpoints, so a report without one (a resumed finished run) may be missing there
+        records.append(last)
+        for rec in records:
             if rec.get("epoch") is None or rec.get("eval_metric") is None and rec.get("train_loss") is None:
                 continue
             epochs.append({"study": study, "trial_id": trial_id, "method": row["method"], "backbone": row["backbone"],
